@@ -1,0 +1,154 @@
+"""What a limit is, what a limiter answers, and the contract every limiter backend keeps.
+
+A request asks for one :class:`HitRequest`: every window, quota and the concurrency
+slot of its key (and of its key and service, through ``scope``) are checked and taken
+together in one atomic backend call, so when one refuses, nothing is consumed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Admission",
+    "AsyncRateStore",
+    "HitRequest",
+    "LimitKind",
+    "LimitPolicy",
+    "LimitState",
+    "Quota",
+    "QuotaPeriod",
+    "RateStore",
+    "Window",
+]
+
+
+class LimitKind(enum.StrEnum):
+    WINDOW = "window"
+    QUOTA = "quota"
+    CONCURRENCY = "concurrency"
+
+
+class QuotaPeriod(enum.StrEnum):
+    """Quotas reset at UTC calendar boundaries."""
+
+    DAY = "day"
+    MONTH = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """At most ``limit`` requests in any ``seconds``-long interval (sliding).
+
+    ``name`` is the policy name shown in ``RateLimit-Policy`` (e.g. ``minute``);
+    ``scope`` separates counters that share a key, e.g. ``svc:image`` for a
+    per-service window; the empty scope is the key's own.
+    """
+
+    name: str
+    limit: int
+    seconds: int
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """At most ``limit`` units per UTC day or month."""
+
+    name: str
+    limit: int
+    period: QuotaPeriod
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """Every limit that applies to one request."""
+
+    windows: tuple[Window, ...] = ()
+    quotas: tuple[Quota, ...] = ()
+    concurrency: int | None = None
+
+    def is_empty(self) -> bool:
+        return not self.windows and not self.quotas and self.concurrency is None
+
+
+@dataclass(frozen=True, slots=True)
+class HitRequest:
+    """One admission: ``bucket`` is the key id, ``cost`` the units quotas are charged.
+
+    Windows count requests (one per hit); quotas count units. ``lease`` names the
+    concurrency slot to take (a per-request id) when the policy caps concurrency.
+    """
+
+    bucket: str
+    policy: LimitPolicy
+    cost: int = 1
+    lease: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """Where one limit stands after (or instead of) a hit.
+
+    ``reset_after`` is the number of seconds until the capacity consumed now is
+    available again (for a window: until the oldest counted requests leave it).
+    """
+
+    name: str
+    kind: LimitKind
+    limit: int
+    remaining: int
+    reset_after: float
+    window_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A limiter's answer.
+
+    ``retry_after`` is ``None`` on a refusal that waiting cannot cure (a cost larger
+    than the limit itself).
+    """
+
+    allowed: bool
+    states: tuple[LimitState, ...]
+    denied_by: LimitState | None = None
+    retry_after: float | None = None
+
+
+@runtime_checkable
+class RateStore(Protocol):
+    """Checks and takes every limit of a request in one atomic step."""
+
+    def hit(self, request: HitRequest) -> Admission: ...
+
+    def release(self, bucket: str, lease: str) -> None:
+        """Free a concurrency slot; releasing twice, or an unknown lease, is harmless."""
+        ...
+
+    def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
+        """The current state of every limit, consuming nothing."""
+        ...
+
+    def reset(self, bucket: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncRateStore(Protocol):
+    """The async face of :class:`RateStore`."""
+
+    async def ahit(self, request: HitRequest) -> Admission: ...
+
+    async def arelease(self, bucket: str, lease: str) -> None: ...
+
+    async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]: ...
+
+    async def areset(self, bucket: str) -> None: ...
+
+    async def aclose(self) -> None: ...
