@@ -34,7 +34,7 @@ MAX_SCOPES = 100
 MAX_CIDRS = 200
 MAX_METADATA_BYTES = 4096
 MAX_RATE_STRING = 400
-_SCOPE = re.compile(r"\*|[a-z0-9][a-z0-9_.\-]*(?::(?:\*|[a-z0-9][a-z0-9_.\-]*))*(?::\*)?")
+_SCOPE = re.compile(r"\*|[a-z0-9][a-z0-9_.\-]*(?::[a-z0-9][a-z0-9_.\-]*)*(?::\*)?")
 _PLAN = re.compile(r"[a-z0-9][a-z0-9_\-]{0,62}")
 _DURATION = re.compile(r"(\d{1,9})([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -207,8 +207,8 @@ def validate_expiry(value: datetime | timedelta | str | None, now: datetime) -> 
 
 def validate_metadata(value: object) -> dict[str, JSON]:
     """A JSON object of at most 4 KiB once encoded."""
-    if not isinstance(value, Mapping):
-        raise InvalidInput("metadata", "must be a JSON object")
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise InvalidInput("metadata", "must be a JSON object with string keys")
     try:
         encoded = json.dumps(value, allow_nan=False, separators=(",", ":"), sort_keys=True)
     except (TypeError, ValueError, RecursionError):
@@ -218,4 +218,6 @@ def validate_metadata(value: object) -> dict[str, JSON]:
     if "\\u0000" in encoded:
         raise InvalidInput("metadata", "must not contain NUL characters")
     decoded: dict[str, JSON] = json.loads(encoded)
+    if decoded != value:  # non-string keys or tuples would be silently converted
+        raise InvalidInput("metadata", "must be plain JSON (string keys, lists, no tuples)")
     return decoded
