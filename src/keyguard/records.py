@@ -121,6 +121,12 @@ class KeyQuery:
     limit: int = 100
     now: datetime | None = None
 
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError("a page holds at least one record")
+        if self.status is not None and self.now is None:
+            raise ValueError("a status filter needs the time it applies at")
+
 
 @dataclass(frozen=True, slots=True)
 class KeyPage:

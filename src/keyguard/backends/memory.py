@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageError
 from ..records import AuditEvent, KeyPage, KeyQuery, KeyRecord
 from ._listing import page_of
 
@@ -53,6 +53,9 @@ class MemoryKeyStore:
 
     def save(self, record: KeyRecord, event: AuditEvent) -> None:
         with self._lock:
+            for d in record.digests:
+                if self._by_digest.get(d.digest, record.id) != record.id:
+                    raise StorageError("a digest already belongs to another key")
             old = self._records.get(record.id)
             if old is None:
                 bisect.insort(self._ids, record.id)
