@@ -13,37 +13,60 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from .backends.protocols import AsyncKeyStore, KeyStore
+from .errors import StorageError
 from .records import AuditEvent, KeyPage, KeyQuery, KeyRecord
 
-__all__ = ["Audit", "Delete", "Find", "Flow", "Get", "List", "Op", "Save", "run_async", "run_sync"]
+__all__ = [
+    "Audit",
+    "Delete",
+    "Find",
+    "Flow",
+    "Get",
+    "KeyOp",
+    "List",
+    "Op",
+    "Save",
+    "call",
+    "run_async",
+    "run_sync",
+]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+S = TypeVar("S")
+A = TypeVar("A")
+S_contra = TypeVar("S_contra", contravariant=True)
+A_contra = TypeVar("A_contra", contravariant=True)
 
 
-class Op(Generic[T_co]):
-    """One storage operation whose result has type ``T_co``."""
+class Op(Generic[S_contra, A_contra, T_co]):
+    """One storage operation: ``run`` against a sync context ``S``, ``arun`` an async ``A``.
+
+    A :class:`~keyguard.errors.StorageError` raised by the operation is thrown back
+    into the flow at its ``yield``, so a flow can apply its own failure policy.
+    """
 
     __slots__ = ()
 
-    def run(self, store: KeyStore) -> T_co:
+    def run(self, ctx: S_contra) -> T_co:
         raise NotImplementedError
 
-    async def arun(self, store: AsyncKeyStore) -> T_co:
+    async def arun(self, ctx: A_contra) -> T_co:
         raise NotImplementedError
 
 
-Flow: TypeAlias = Generator[Op[Any], Any, T]
+KeyOp: TypeAlias = Op[KeyStore, AsyncKeyStore, T]
+Flow: TypeAlias = Generator[Op[KeyStore, AsyncKeyStore, Any], Any, T]
 
 
-def call(op: Op[T]) -> Flow[T]:
+def call(op: Op[S, A, T]) -> Generator[Op[S, A, Any], Any, T]:
     """``result = yield from call(op)``: run one operation, typed."""
     result: T = yield op
     return result
 
 
 @dataclass(frozen=True, slots=True)
-class Get(Op[KeyRecord | None]):
+class Get(KeyOp[KeyRecord | None]):
     key_id: str
 
     def run(self, store: KeyStore) -> KeyRecord | None:
@@ -54,7 +77,7 @@ class Get(Op[KeyRecord | None]):
 
 
 @dataclass(frozen=True, slots=True)
-class Find(Op[KeyRecord | None]):
+class Find(KeyOp[KeyRecord | None]):
     digest: str
 
     def run(self, store: KeyStore) -> KeyRecord | None:
@@ -65,7 +88,7 @@ class Find(Op[KeyRecord | None]):
 
 
 @dataclass(frozen=True, slots=True)
-class Save(Op[None]):
+class Save(KeyOp[None]):
     record: KeyRecord
     event: AuditEvent
 
@@ -77,7 +100,7 @@ class Save(Op[None]):
 
 
 @dataclass(frozen=True, slots=True)
-class Delete(Op[bool]):
+class Delete(KeyOp[bool]):
     key_id: str
     event: AuditEvent
 
@@ -89,7 +112,7 @@ class Delete(Op[bool]):
 
 
 @dataclass(frozen=True, slots=True)
-class List(Op[KeyPage]):
+class List(KeyOp[KeyPage]):
     query: KeyQuery
 
     def run(self, store: KeyStore) -> KeyPage:
@@ -100,7 +123,7 @@ class List(Op[KeyPage]):
 
 
 @dataclass(frozen=True, slots=True)
-class Audit(Op[Sequence[AuditEvent]]):
+class Audit(KeyOp[Sequence[AuditEvent]]):
     key_id: str | None
     limit: int
 
@@ -111,23 +134,33 @@ class Audit(Op[Sequence[AuditEvent]]):
         return await store.aaudit(self.key_id, self.limit)
 
 
-def run_sync(flow: Flow[T], store: KeyStore) -> T:
-    """Drive ``flow`` to its result with the store's blocking methods."""
+def run_sync(flow: Generator[Op[S, Any, Any], Any, T], ctx: S) -> T:
+    """Drive ``flow`` to its result with the context's blocking methods."""
     try:
         op = next(flow)
         while True:
-            op = flow.send(op.run(store))
+            try:
+                result = op.run(ctx)
+            except StorageError as exc:
+                op = flow.throw(exc)
+            else:
+                op = flow.send(result)
     except StopIteration as stop:
-        result: T = stop.value
-        return result
+        value: T = stop.value
+        return value
 
 
-async def run_async(flow: Flow[T], store: AsyncKeyStore) -> T:
-    """Drive ``flow`` to its result with the store's coroutines."""
+async def run_async(flow: Generator[Op[Any, A, Any], Any, T], ctx: A) -> T:
+    """Drive ``flow`` to its result with the context's coroutines."""
     try:
         op = next(flow)
         while True:
-            op = flow.send(await op.arun(store))
+            try:
+                result = await op.arun(ctx)
+            except StorageError as exc:
+                op = flow.throw(exc)
+            else:
+                op = flow.send(result)
     except StopIteration as stop:
-        result: T = stop.value
-        return result
+        value: T = stop.value
+        return value

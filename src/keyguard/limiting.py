@@ -21,6 +21,7 @@ __all__ = [
     "LimitState",
     "Quota",
     "QuotaPeriod",
+    "RateBackend",
     "RateStore",
     "Window",
 ]
@@ -152,3 +153,8 @@ class AsyncRateStore(Protocol):
     async def areset(self, bucket: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class RateBackend(RateStore, AsyncRateStore, Protocol):
+    """A rate store with both faces, as every built-in limiter is."""

@@ -1,0 +1,153 @@
+"""Pure ASGI middleware (no ``BaseHTTPMiddleware``), so streaming, lifespan and
+context variables (OpenTelemetry's among them) pass through untouched.
+
+The middleware builds a :class:`RequestInfo` from the scope, asks the guard, and
+either answers the denial itself or calls the app with a copy of the scope carrying
+the caller's :class:`Identity` under ``scope["keyguard"]``. Limit headers are added
+to ``http.response.start`` only; every other message is forwarded as it comes. A
+concurrency slot is released once: after the last body chunk, or when the app
+raises, is cancelled or the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ..credentials import strip_credentials
+from ..denials import Denial, render
+from ..guard import Allow, Guard, Identity, Lease
+from ..request import RequestInfo
+
+__all__ = ["KeyGuardMiddleware", "current_identity", "request_from_scope"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+ErrorRenderer = Callable[[RequestInfo, Denial], tuple[int, list[tuple[bytes, bytes]], bytes]]
+SCOPE_KEY = "keyguard"
+
+
+def request_from_scope(scope: Scope) -> RequestInfo:
+    """The framework-free view of an ASGI HTTP scope."""
+    client = scope.get("client")
+    route = scope.get("route")
+    return RequestInfo(
+        method=scope["method"],
+        path=scope.get("path", "/"),
+        headers=tuple(scope.get("headers", ())),
+        query_string=scope.get("query_string", b""),
+        peer=client[0] if client else None,
+        route_id=getattr(route, "path", None),
+    )
+
+
+def current_identity(scope: Scope) -> Identity | None:
+    """The identity the middleware published for this request, if any."""
+    identity = scope.get(SCOPE_KEY)
+    return identity if isinstance(identity, Identity) else None
+
+
+async def send_denial(
+    denial: Denial,
+    send: Send,
+    *,
+    realm: str = "api",
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a request with the denial's status, headers and JSON body."""
+    status, headers, body = render(denial, realm=realm)
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Releaser:
+    """Releases one lease exactly once, even under cancellation."""
+
+    __slots__ = ("_guard", "_lease")
+
+    def __init__(self, guard: Guard, lease: Lease | None) -> None:
+        self._guard = guard
+        self._lease = lease
+
+    async def __call__(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        task = asyncio.ensure_future(self._guard.arelease(lease))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task  # finish the release, then let the cancellation continue
+            raise
+
+
+class KeyGuardMiddleware:
+    """Guard every HTTP request of an ASGI app.
+
+    :param app: the app to protect.
+    :param guard: the configured :class:`~keyguard.guard.Guard`.
+    :param hide_credentials: strip the credential header or query parameter from
+        the scope the app sees (it gets the identity instead).
+    :param vary: add ``Vary: Authorization, X-API-Key`` so caches key on the caller.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, guard: Guard, hide_credentials: bool = False, vary: bool = True
+    ) -> None:
+        self.app = app
+        self.guard = guard
+        self.hide_credentials = hide_credentials
+        header = guard.credentials.header_name.encode("ascii")
+        self._vary = [(b"vary", b"authorization, " + header)] if vary else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = request_from_scope(scope)
+        decision = await self.guard.acheck(request)
+        if isinstance(decision, Denial):
+            await send_denial(decision, send, realm=self.guard.realm, extra=self._vary)
+            return
+        await self._call_app(scope, receive, send, request, decision)
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, request: RequestInfo, allow: Allow
+    ) -> None:
+        child = dict(scope)
+        child[SCOPE_KEY] = allow.identity
+        if self.hide_credentials and allow.identity is not None:
+            headers, query = strip_credentials(request, self.guard.credentials)
+            child["headers"] = list(headers)
+            child["query_string"] = query
+        identity = allow.identity
+        extra = [*allow.headers, *self._vary] if identity is not None else []
+        private = identity is not None and identity.auth_method == "query"
+        if not extra and allow.lease is None:
+            await self.app(child, receive, send)
+            return
+        release = _Releaser(self.guard, allow.lease)
+
+        async def send_with_headers(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start" and extra:
+                headers = [*message.get("headers", ()), *extra]
+                if private and not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"private"))  # RFC 6750 §2.3
+                message = {**message, "headers": headers}
+            await send(message)
+            if (kind == "http.response.body" and not message.get("more_body", False)) or (
+                kind == "http.response.pathsend"
+            ):
+                await release()
+
+        try:
+            await self.app(child, receive, send_with_headers)
+        finally:
+            await release()

@@ -1,0 +1,174 @@
+"""WSGI middleware: the same guard, the same denials, for Flask or any WSGI app.
+
+The identity is published as ``environ["keyguard.identity"]``. A concurrency slot is
+released in the response iterable's ``close()``, which PEP 3333 obliges servers to
+call whether the response completed, failed or the client went away; if a server
+never calls it, the lease's expiry reclaims the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..credentials import strip_credentials
+from ..denials import Denial, render
+from ..guard import Allow, Guard, Identity, Lease
+from ..request import RequestInfo
+
+__all__ = ["ENVIRON_KEY", "KeyGuardWSGIMiddleware", "current_identity", "request_from_environ"]
+
+ENVIRON_KEY = "keyguard.identity"
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+_RESERVED = {"CONTENT_TYPE": b"content-type", "CONTENT_LENGTH": b"content-length"}
+
+
+def _latin1(value: str) -> bytes:
+    # PEP 3333 hands header values over as latin-1 decoded str; encoding them back
+    # recovers the raw bytes the client sent.
+    return value.encode("latin-1", "replace")
+
+
+def request_from_environ(environ: Environ) -> RequestInfo:
+    """The framework-free view of a WSGI environ.
+
+    Header names come from ``HTTP_*`` keys; a server that maps ``X_API_Key`` onto
+    ``HTTP_X_API_KEY`` makes the two indistinguishable here (see the docs on
+    underscore headers).
+    """
+    headers: list[tuple[bytes, bytes]] = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers.append((key[5:].lower().replace("_", "-").encode("latin-1"), _latin1(value)))
+        elif key in _RESERVED and value:
+            headers.append((_RESERVED[key], _latin1(value)))
+    path = environ.get("PATH_INFO", "/") or "/"
+    return RequestInfo(
+        method=environ.get("REQUEST_METHOD", "GET"),
+        path=_latin1(path).decode("utf-8", "replace"),
+        headers=tuple(headers),
+        query_string=_latin1(environ.get("QUERY_STRING", "")),
+        peer=environ.get("REMOTE_ADDR") or None,
+    )
+
+
+def current_identity(environ: Environ) -> Identity | None:
+    identity = environ.get(ENVIRON_KEY)
+    return identity if isinstance(identity, Identity) else None
+
+
+def denial_response(
+    denial: Denial, start_response: StartResponse, realm: str, extra: list[tuple[bytes, bytes]]
+) -> list[bytes]:
+    """Start a denial response and return its body."""
+    status, headers, body = render(denial, realm=realm)
+    start_response(
+        f"{status} {_REASONS.get(status, 'Error')}",
+        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in [*headers, *extra]],
+    )
+    return [body]
+
+
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+
+
+class _Closing:
+    """Wraps the app's iterable so ``close()`` releases the lease exactly once."""
+
+    def __init__(self, inner: Iterable[bytes], release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._inner)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
+class KeyGuardWSGIMiddleware:
+    """Guard every request of a WSGI app (see :class:`~keyguard.guard.Guard`)."""
+
+    def __init__(
+        self, app: WSGIApp, *, guard: Guard, hide_credentials: bool = False, vary: bool = True
+    ) -> None:
+        self.app = app
+        self.guard = guard
+        self.hide_credentials = hide_credentials
+        header = guard.credentials.header_name.encode("ascii")
+        self._vary = [(b"vary", b"authorization, " + header)] if vary else []
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        request = request_from_environ(environ)
+        decision = self.guard.check(request, scope=environ.get("keyguard.scope"))
+        if isinstance(decision, Denial):
+            return denial_response(decision, start_response, self.guard.realm, self._vary)
+        return self.call_app(environ, start_response, request, decision)
+
+    def call_app(
+        self, environ: Environ, start_response: StartResponse, request: RequestInfo, allow: Allow
+    ) -> Iterable[bytes]:
+        """Run the app for an allowed request, with limit headers and slot release."""
+        environ[ENVIRON_KEY] = allow.identity
+        identity = allow.identity
+        if self.hide_credentials and identity is not None:
+            _hide(environ, request, self.guard)
+        extra = (
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in [*allow.headers, *self._vary]]
+            if identity is not None
+            else []
+        )
+        private = identity is not None and identity.auth_method == "query"
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
+            headers = [*headers, *extra]
+            if private and not any(k.lower() == "cache-control" for k, _ in headers):
+                headers.append(("Cache-Control", "private"))
+            return start_response(status, headers, exc_info)
+
+        lease = allow.lease
+        if lease is None:
+            return self.app(environ, start if extra else start_response)
+        release = _release_once(self.guard, lease)
+        try:
+            body = self.app(environ, start)
+        except BaseException:
+            release()
+            raise
+        return _Closing(body, release)
+
+
+def _release_once(guard: Guard, lease: Lease) -> Callable[[], None]:
+    done = False
+
+    def release() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            guard.release(lease)
+
+    return release
+
+
+def _hide(environ: Environ, request: RequestInfo, guard: Guard) -> None:
+    headers, query = strip_credentials(request, guard.credentials)
+    kept = {name for name, _ in headers}
+    for key in [k for k in environ if k.startswith("HTTP_")]:
+        if key[5:].lower().replace("_", "-").encode("latin-1") not in kept:
+            del environ[key]
+    environ["QUERY_STRING"] = query.decode("latin-1")

@@ -1,0 +1,357 @@
+"""The decision core: from a request to Allow or a Denial, with no framework in sight.
+
+:class:`Guard` holds the configuration (validated once, here) and runs the checks in
+order — public path, client address, brute-force limiter, credential, key lookup,
+expiry and revocation, IP allow-list, scope, limits — as one flow written once and
+driven by a sync or an async driver (:mod:`keyguard.flows`). Only two operations
+touch storage: the key lookup and the single atomic limiter call.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, TypeAlias
+
+from .backends.memory_limiter import MemoryRateStore
+from .backends.protocols import KeyBackend
+from .clock import Clock, SystemClock, utcnow
+from .codec import isoformat
+from .credentials import Credential, CredentialConfig, MalformedCredential, extract_credential
+from .denials import Denial, deny
+from .errors import ConfigurationError, InvalidCredential, StorageError
+from .flows import Op, call, run_async, run_sync
+from .iprules import IPAddress, IPAllowList, IPDenyList
+from .keys import KeyFormat, KeyHasher
+from .lifecycle import check_secret
+from .limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState, RateBackend, Window
+from .plans import DEFAULT_PLANS, Plan, ServiceLimits, resolve_policy
+from .proxies import TrustedProxies
+from .ratelimit_headers import limit_headers
+from .records import KeyRecord, KeyStatus
+from .request import RequestInfo
+from .scopes import RouteMap, scope_allows
+
+__all__ = ["Allow", "Decision", "Guard", "Identity", "Lease"]
+
+Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who made an allowed request: published to the app, never holding the secret."""
+
+    key_id: str
+    name: str
+    owner: str | None
+    scopes: tuple[str, ...]
+    plan: str
+    limits: tuple[LimitState, ...]
+    client_ip: str | None
+    auth_method: str
+    service: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A concurrency slot to give back when the response ends."""
+
+    bucket: str
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Let the request through; ``identity`` is ``None`` on a public path."""
+
+    identity: Identity | None
+    headers: Headers = ()
+    lease: Lease | None = None
+    cost: int = 0
+
+
+Decision: TypeAlias = Allow | Denial
+_PUBLIC = Allow(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    keys: KeyBackend
+    limiter: RateBackend | None
+
+
+@dataclass(frozen=True, slots=True)
+class _FindKey(Op[Backends, Backends, KeyRecord | None]):
+    digest: str
+
+    def run(self, ctx: Backends) -> KeyRecord | None:
+        return ctx.keys.find(self.digest)
+
+    async def arun(self, ctx: Backends) -> KeyRecord | None:
+        return await ctx.keys.afind(self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit(Op[Backends, Backends, Admission]):
+    request: HitRequest
+
+    def run(self, ctx: Backends) -> Admission:
+        if ctx.limiter is None:  # pragma: no cover - the flow never yields a hit then
+            raise StorageError("no limiter configured")
+        return ctx.limiter.hit(self.request)
+
+    async def arun(self, ctx: Backends) -> Admission:
+        if ctx.limiter is None:  # pragma: no cover - the flow never yields a hit then
+            raise StorageError("no limiter configured")
+        return await ctx.limiter.ahit(self.request)
+
+
+GuardFlow: TypeAlias = Generator[Op[Backends, Backends, Any], Any, Decision]
+_RETRY_WHEN_DOWN = 5.0
+
+
+class Guard:
+    """Everything keyguard decides about a request, configured once.
+
+    :param keys: the key store (both faces), e.g. ``open_key_store("sqlite:///k.db")``.
+    :param limiter: the rate store (both faces); ``None`` disables limits.
+    :param credentials: where credentials may come from (header and bearer by default).
+    :param proxies: whose ``X-Forwarded-For`` to believe; by default nobody's.
+    :param routes: the route → scope map and the public paths.
+    :param plans: plan name → default limits.
+    :param services: service (scope) → cost in units and per-service windows.
+    :param on_limiter_error: ``"deny"`` answers 503 when the limit store fails,
+        ``"allow"`` lets the request through without limit headers.
+    :param reveal_key_status: say "expired" or "revoked" instead of the uniform
+        "invalid" (only ever after the caller proved the full secret).
+    :param expiry_warning: add ``X-API-Key-Expires`` when a key expires this soon.
+    :param auth_failures: failed authentications allowed per client IP per minute
+        before further attempts get 429 without touching storage (``0`` disables).
+    :param deny_ips: networks refused for every key.
+
+    **Security note**: the client address comes from the socket unless ``proxies``
+    says otherwise; configure it to match your deployment or IP rules mean nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        keys: KeyBackend,
+        limiter: RateBackend | None = None,
+        credentials: CredentialConfig | None = None,
+        proxies: TrustedProxies | None = None,
+        routes: RouteMap | None = None,
+        plans: Mapping[str, Plan] = DEFAULT_PLANS,
+        services: Mapping[str, ServiceLimits] | None = None,
+        key_format: KeyFormat | None = None,
+        hasher: KeyHasher | None = None,
+        clock: Clock | None = None,
+        on_limiter_error: Literal["deny", "allow"] = "deny",
+        reveal_key_status: bool = False,
+        expiry_warning: timedelta = timedelta(days=7),
+        auth_failures: int = 20,
+        deny_ips: Sequence[str] = (),
+        realm: str = "api",
+    ) -> None:
+        if on_limiter_error not in {"deny", "allow"}:
+            raise ConfigurationError("on_limiter_error must be 'deny' or 'allow'")
+        if not realm or not all(c.isalnum() or c in " -_.:" for c in realm) or len(realm) > 64:
+            raise ConfigurationError("realm must be 1-64 letters, digits, spaces or -_.:")
+        if isinstance(auth_failures, bool) or auth_failures < 0:
+            raise ConfigurationError("auth_failures must be 0 or more")
+        self.backends = Backends(keys, limiter)
+        self.credentials = credentials or CredentialConfig()
+        self.proxies = proxies or TrustedProxies()
+        self.routes = routes
+        self.plans = dict(plans)
+        self.services = dict(services or {})
+        self.key_format = key_format or KeyFormat()
+        self.hasher = hasher or KeyHasher()
+        self.clock = clock or SystemClock()
+        self.on_limiter_error = on_limiter_error
+        self.reveal_key_status = reveal_key_status
+        self.expiry_warning = expiry_warning
+        self.realm = realm
+        self._deny = IPDenyList.from_cidrs(tuple(deny_ips)) if deny_ips else None
+        self._failures = (
+            MemoryRateStore(clock=self.clock, max_entries=100_000) if auth_failures else None
+        )
+        self._failure_policy = LimitPolicy(windows=(Window("auth-failures", auth_failures, 60),))
+
+    # drivers
+
+    def check(
+        self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
+    ) -> Decision:
+        """Decide on ``request`` with blocking I/O (WSGI, scripts)."""
+        return run_sync(self._flow(request, scope, cost), self.backends)
+
+    async def acheck(
+        self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
+    ) -> Decision:
+        """Decide on ``request`` without blocking the event loop (ASGI)."""
+        return await run_async(self._flow(request, scope, cost), self.backends)
+
+    def release(self, lease: Lease) -> None:
+        """Give a concurrency slot back; harmless to call twice."""
+        if self.backends.limiter is not None:
+            self.backends.limiter.release(lease.bucket, lease.lease_id)
+
+    async def arelease(self, lease: Lease) -> None:
+        if self.backends.limiter is not None:
+            await self.backends.limiter.arelease(lease.bucket, lease.lease_id)
+
+    # the flow, written once
+
+    def _flow(self, request: RequestInfo, scope: str | None, cost: int | None) -> GuardFlow:
+        needed = scope
+        if needed is None and self.routes is not None:
+            match = self.routes.match(request.method, request.path)
+            if match is None:  # a path form the router and the check could read apart
+                return deny("invalid_request", detail="unsupported path")
+            if match.public:
+                return _PUBLIC
+            needed = match.scope
+        client = self.proxies.client_ip(request)
+        ip = None if client is None else client.ip
+        if self._deny is not None and self._deny.blocks(ip):
+            return deny("ip_not_allowed")
+        if self._blocked(ip):
+            return deny("too_many_failed_attempts", retry_after=60.0)
+        try:
+            credential = extract_credential(request, self.credentials)
+        except MalformedCredential:
+            self._failed(ip)
+            return deny("invalid_request")
+        except InvalidCredential:
+            self._failed(ip)
+            return deny("invalid_api_key")
+        if credential is None:
+            return deny("missing_api_key")
+        record_or_denial = yield from self._authenticate(credential, ip)
+        if isinstance(record_or_denial, Denial):
+            return record_or_denial
+        record = record_or_denial
+        if record.ip_allow and not _allowed(record.ip_allow, ip):
+            return deny("ip_not_allowed")
+        if needed is not None and not scope_allows(record.scopes, needed):
+            return deny("insufficient_permissions", scope=needed, detail=f"needs {needed}")
+        return (yield from self._admit(record, credential, needed, cost, ip))
+
+    def _authenticate(
+        self, credential: Credential, ip: IPAddress | None
+    ) -> Generator[Op[Backends, Backends, Any], Any, KeyRecord | Denial]:
+        try:
+            parsed = self.key_format.parse(credential.value)
+        except InvalidCredential:
+            self._failed(ip)
+            return deny("invalid_api_key")
+        digest = self.hasher.digest(parsed.secret)
+        try:
+            record = yield from call(_FindKey(digest))
+        except StorageError:
+            return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
+        try:
+            return check_secret(record, digest, utcnow(self.clock))
+        except InvalidCredential as exc:
+            if record is None or exc.reason in {"unknown", "rotated"}:
+                self._failed(ip)
+            if self.reveal_key_status and exc.reason in {"expired", "revoked"}:
+                return deny(f"api_key_{exc.reason}")
+            return deny("invalid_api_key")
+
+    def _admit(
+        self,
+        record: KeyRecord,
+        credential: Credential,
+        needed: str | None,
+        cost: int | None,
+        ip: IPAddress | None,
+    ) -> Generator[Op[Backends, Backends, Any], Any, Decision]:
+        service = self.services.get(needed) if needed is not None else None
+        units = cost if cost is not None else (service.cost if service is not None else 1)
+        extra = self._expiry_header(record)
+        limiter = self.backends.limiter
+        policy = resolve_policy(self.plans.get(record.plan), record.limits, needed, service)
+        states: tuple[LimitState, ...] = ()
+        lease = None
+        if limiter is not None and not policy.is_empty():
+            lease_id = secrets.token_hex(8) if policy.concurrency is not None else None
+            try:
+                admission = yield from call(_Hit(HitRequest(record.id, policy, units, lease_id)))
+            except StorageError:
+                if self.on_limiter_error == "deny":
+                    return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
+                return Allow(self._identity(record, credential, (), needed, ip), extra, None, units)
+            if not admission.allowed:
+                return self._refusal(admission, extra)
+            states = admission.states
+            lease = None if lease_id is None else Lease(record.id, lease_id)
+        headers = tuple(limit_headers(states)) + extra
+        return Allow(self._identity(record, credential, states, needed, ip), headers, lease, units)
+
+    # small pure helpers
+
+    def _refusal(self, admission: Admission, extra: Headers) -> Denial:
+        by = admission.denied_by
+        code = "rate_limit_exceeded"
+        if by is not None and by.kind is LimitKind.QUOTA:
+            code = "quota_exceeded"
+        elif by is not None and by.kind is LimitKind.CONCURRENCY:
+            code = "concurrency_limit_exceeded"
+        detail = None if by is None else f"{by.name}: {by.limit}"
+        if admission.retry_after is None and by is not None and by.kind is LimitKind.QUOTA:
+            detail = f"{by.name}: cost exceeds capacity"
+        headers = tuple(limit_headers(admission.states)) + extra
+        return deny(code, detail=detail, retry_after=admission.retry_after, headers=headers)
+
+    def _identity(
+        self,
+        record: KeyRecord,
+        credential: Credential,
+        states: tuple[LimitState, ...],
+        service: str | None,
+        ip: IPAddress | None,
+    ) -> Identity:
+        return Identity(
+            key_id=record.id,
+            name=record.name,
+            owner=record.owner,
+            scopes=record.scopes,
+            plan=record.plan,
+            limits=states,
+            client_ip=None if ip is None else str(ip),
+            auth_method=credential.method,
+            service=service,
+        )
+
+    def _expiry_header(self, record: KeyRecord) -> Headers:
+        if record.expires_at is None:
+            return ()
+        now = utcnow(self.clock)
+        if (
+            record.status(now) is KeyStatus.ACTIVE
+            and record.expires_at - now <= self.expiry_warning
+        ):
+            return ((b"x-api-key-expires", (isoformat(record.expires_at) or "").encode()),)
+        return ()
+
+    def _blocked(self, ip: IPAddress | None) -> bool:
+        if self._failures is None or ip is None:
+            return False
+        states = self._failures.peek(f"ip:{ip}", self._failure_policy)
+        return any(s.remaining <= 0 for s in states)
+
+    def _failed(self, ip: IPAddress | None) -> None:
+        if self._failures is not None and ip is not None:
+            self._failures.hit(HitRequest(f"ip:{ip}", self._failure_policy))
+
+
+def _allowed(cidrs: tuple[str, ...], ip: IPAddress | None) -> bool:
+    """Whether a key's allow-list admits ``ip``; a damaged stored list admits nobody."""
+    try:
+        return IPAllowList.from_cidrs(cidrs).allows(ip)
+    except ConfigurationError:
+        return False

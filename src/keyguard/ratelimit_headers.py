@@ -1,0 +1,82 @@
+"""Limit state as response headers.
+
+``RateLimit-Policy`` and ``RateLimit`` follow draft-ietf-httpapi-ratelimit-headers-11
+(Structured Field Lists, one Item per policy, every window named); the widely used
+``X-RateLimit-Limit/Remaining/Reset`` describe the tightest limit. No partition key
+is ever sent, so nothing about the key leaks into a header (T67).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+from .limiting import LimitKind, LimitState
+
+__all__ = ["limit_headers", "policy_header", "tightest"]
+
+Headers = list[tuple[bytes, bytes]]
+SF_INTEGER_MAX = 999_999_999_999_999
+_NAME = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]{1,64}")
+
+
+def _int(value: float) -> int:
+    """A non-negative sf-integer: rounded up, clamped to 15 digits."""
+    return min(SF_INTEGER_MAX, max(0, math.ceil(value)))
+
+
+def _name(state: LimitState) -> str:
+    # Names come from configuration; anything outside sf-string's printable set is
+    # replaced rather than trusted, so a header can never be broken (T99).
+    return state.name if _NAME.fullmatch(state.name) else "limit"
+
+
+def _policy_item(state: LimitState) -> str:
+    item = f'"{_name(state)}";q={_int(state.limit)}'
+    if state.kind is LimitKind.CONCURRENCY:
+        return item + ';qu="concurrent-requests"'
+    if state.window_seconds:
+        item += f";w={_int(state.window_seconds)}"
+    return item
+
+
+@lru_cache(maxsize=1024)
+def _policy_value(items: tuple[tuple[str, LimitKind, int, int | None], ...]) -> bytes:
+    return ",".join(
+        _policy_item(LimitState(name, kind, limit, 0, 0.0, seconds))
+        for name, kind, limit, seconds in items
+    ).encode("ascii")
+
+
+def policy_header(states: Sequence[LimitState]) -> bytes:
+    """The ``RateLimit-Policy`` value; it changes only when the policy does (cached)."""
+    return _policy_value(tuple((s.name, s.kind, s.limit, s.window_seconds) for s in states))
+
+
+def tightest(states: Sequence[LimitState]) -> LimitState:
+    """The rate limit a client will meet first: least remaining, then the longest wait.
+
+    The concurrency cap is a different kind of limit (slots come back when responses
+    end), so it describes ``X-RateLimit-*`` only when nothing else applies.
+    """
+    counted = [s for s in states if s.kind is not LimitKind.CONCURRENCY] or states
+    return min(counted, key=lambda s: (s.remaining, -s.reset_after))
+
+
+def limit_headers(states: Sequence[LimitState]) -> Headers:
+    """Every limit-state header for a response; empty when no limit applies."""
+    if not states:
+        return []
+    current = ",".join(
+        f'"{_name(s)}";r={_int(s.remaining)};t={_int(s.reset_after)}' for s in states
+    )
+    tight = tightest(states)
+    return [
+        (b"ratelimit-policy", policy_header(states)),
+        (b"ratelimit", current.encode("ascii")),
+        (b"x-ratelimit-limit", str(_int(tight.limit)).encode()),
+        (b"x-ratelimit-remaining", str(_int(tight.remaining)).encode()),
+        (b"x-ratelimit-reset", str(_int(tight.reset_after)).encode()),
+    ]
