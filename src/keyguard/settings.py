@@ -29,7 +29,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -54,12 +54,13 @@ from pydantic_settings import (
 from .backends.protocols import KeyBackend, KeyStore
 from .backends.registry import open_key_store
 from .clock import Clock
+from .credentials import CredentialConfig, CredentialMethod
 from .errors import ConfigurationError, InvalidInput, shown
 from .keys import KeyFormat, KeyHasher
 from .manager import KeyManager
 from .plans import DEFAULT_PLANS as CORE_PLANS
 from .plans import Plan
-from .validation import parse_duration, validate_plan, validate_rate
+from .validation import parse_duration, validate_cidrs, validate_plan, validate_rate
 
 __all__ = [
     "DEFAULT_PLANS",
@@ -153,6 +154,13 @@ class _OwnDotEnv(PydanticBaseSettingsSource):
         }
 
 
+_CREDENTIAL_FIELDS = {
+    "api_key_header": "header_name",
+    "query_param": "query_param",
+    "credential_methods": "methods",
+}
+
+
 class KeyGuardSettings(BaseSettings):
     """Everything a deployment configures, with the embedded defaults.
 
@@ -167,6 +175,20 @@ class KeyGuardSettings(BaseSettings):
         duration such as ``1h`` or ``30m``, or seconds.
     :param plans: named plans and their limits, merged over :data:`DEFAULT_PLANS`.
     :param default_plan: the plan new keys get when none is given; one of ``plans``.
+    :param limiter_url: where limits are counted; by default the same place as keys
+        (``sqlite://`` shares the file and stays exact across worker processes).
+    :param on_limiter_error: ``deny`` (503) or ``allow`` when the limit store fails.
+    :param credential_methods: where keys may come from, in order: ``header``,
+        ``bearer`` and (opt-in, since URLs get logged) ``query``.
+    :param api_key_header: the header that carries a key.
+    :param query_param: the query parameter that carries a key, when enabled.
+    :param trusted_proxies: proxy networks whose ``X-Forwarded-For`` is believed.
+    :param trusted_proxy_hops: or: how many proxies sit in front (count from the right).
+    :param public_paths: paths served without a key (``/healthz``, ``/docs``, ``/static/*``).
+    :param deny_ips: networks refused for every key.
+    :param reveal_key_status: answer "expired"/"revoked" instead of the uniform "invalid".
+    :param auth_failures: failed authentications per client IP per minute before 429.
+    :param expiry_warning: add ``X-API-Key-Expires`` this long before a key expires.
 
     .. versionadded:: 0.1
     """
@@ -188,6 +210,18 @@ class KeyGuardSettings(BaseSettings):
     plans: dict[str, PlanSettings] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
     default_plan: str = "free"
     config_file: Path | None = Field(default=None, description="the TOML file that was read")
+    limiter_url: str | None = None
+    on_limiter_error: Literal["deny", "allow"] = "deny"
+    credential_methods: Annotated[tuple[CredentialMethod, ...], NoDecode] = ("header", "bearer")
+    api_key_header: str = "x-api-key"
+    query_param: str = "api_key"
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    trusted_proxy_hops: Annotated[int, Field(ge=0, le=32)] = 0
+    public_paths: Annotated[tuple[str, ...], NoDecode] = ()
+    deny_ips: Annotated[tuple[str, ...], NoDecode] = ()
+    reveal_key_status: bool = False
+    auth_failures: Annotated[int, Field(ge=0)] = 20
+    expiry_warning: timedelta = timedelta(days=7)
 
     @classmethod
     def settings_customise_sources(
@@ -206,11 +240,32 @@ class KeyGuardSettings(BaseSettings):
             return sources
         return (*sources, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
 
-    @field_validator("storage_url")
+    @field_validator("storage_url", "limiter_url")
     @classmethod
-    def _storage_url(cls, value: str) -> str:
+    def _storage_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if len(value) > 4096 or not _URL.fullmatch(value):
             raise ValueError("must be a URL such as sqlite:///keyguard.db or memory://")
+        return value
+
+    @field_validator("api_key_header", "query_param", "credential_methods")
+    @classmethod
+    def _credentials(cls, value: object, info: ValidationInfo) -> object:
+        try:
+            options: dict[str, Any] = {_CREDENTIAL_FIELDS[info.field_name or ""]: value}
+            CredentialConfig(**options)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("trusted_proxies", "deny_ips")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            validate_cidrs(value)
+        except InvalidInput as exc:
+            raise ValueError(exc.reason) from None
         return value
 
     @field_validator("key_prefix")
@@ -222,7 +277,14 @@ class KeyGuardSettings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("key_environments", mode="before")
+    @field_validator(
+        "key_environments",
+        "credential_methods",
+        "trusted_proxies",
+        "public_paths",
+        "deny_ips",
+        mode="before",
+    )
     @classmethod
     def _split_environments(cls, value: object) -> object:
         if isinstance(value, str):
@@ -249,7 +311,7 @@ class KeyGuardSettings(BaseSettings):
             raise ValueError(f"must be at least {_MIN_PEPPER_BYTES} bytes")
         return value
 
-    @field_validator("rotation_grace", mode="before")
+    @field_validator("rotation_grace", "expiry_warning", mode="before")
     @classmethod
     def _parse_grace(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -261,7 +323,7 @@ class KeyGuardSettings(BaseSettings):
             return text  # ISO-8601 (PT1H), which pydantic reads itself
         return _checked(lambda v: parse_duration("rotation_grace", v), text)
 
-    @field_validator("rotation_grace")
+    @field_validator("rotation_grace", "expiry_warning")
     @classmethod
     def _grace_range(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):

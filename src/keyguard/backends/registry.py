@@ -1,8 +1,10 @@
 """Backends chosen by URL, through an explicit registry.
 
-``open_key_store("sqlite:///keyguard.db")`` looks the scheme up in a plain dict
-filled by :func:`register_key_store`; drivers are imported only when their scheme is
-used, so the core needs none of them installed.
+``open_key_store("sqlite:///keyguard.db")`` and ``open_rate_store("memory://")`` look
+the scheme up in plain dicts filled by :func:`register_key_store` and
+:func:`register_rate_store`; drivers are imported only when their scheme is used, so
+the core needs none of them installed. A rate-store URL whose scheme keyguard does
+not know is handed to the ``limits`` library (memcached, MongoDB, ...).
 """
 
 from __future__ import annotations
@@ -13,20 +15,34 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, shown
+from ..limiting import RateBackend
 from .protocols import KeyBackend
 
-__all__ = ["open_key_store", "register_key_store", "registered_schemes"]
+__all__ = [
+    "open_key_store",
+    "open_rate_store",
+    "register_key_store",
+    "register_rate_store",
+    "registered_schemes",
+]
 
 Factory = Callable[..., Any]
 _KEY_STORES: dict[str, Factory] = {}
+_RATE_STORES: dict[str, Factory] = {}
 
 
 def register_key_store(scheme: str, factory: Factory) -> None:
-    """Make ``scheme://`` URLs open with ``factory(url, **options)``."""
+    """Make ``scheme://`` key-store URLs open with ``factory(url, **options)``."""
     _KEY_STORES[scheme] = factory
 
 
+def register_rate_store(scheme: str, factory: Factory) -> None:
+    """Make ``scheme://`` rate-store URLs open with ``factory(url, **options)``."""
+    _RATE_STORES[scheme] = factory
+
+
 def registered_schemes() -> tuple[str, ...]:
+    """The key-store schemes known now."""
     return tuple(sorted(_KEY_STORES))
 
 
@@ -47,6 +63,18 @@ def _lazy(module: str, name: str, extra: str | None = None, driver: str | None =
 
 register_key_store("memory", _lazy(".memory", "MemoryKeyStore"))
 register_key_store("sqlite", _lazy(".sqlite", "SQLiteKeyStore"))
+register_rate_store("memory", _lazy(".memory_limiter", "MemoryRateStore"))
+register_rate_store("sqlite", _lazy(".sqlite_limiter", "SQLiteRateStore"))
+_LIMITS_FALLBACK = _lazy(".limits_storage", "LimitsRateStore")
+
+
+def _scheme(url: object, kind: str, known: dict[str, Factory]) -> str:
+    if not isinstance(url, str) or "://" not in url or len(url) > 4096:
+        raise ConfigurationError(
+            f"{kind} URL {shown(url)} is not a URL; use one of "
+            + ", ".join(f"{s}://" for s in sorted(known))
+        )
+    return urlsplit(url).scheme
 
 
 def open_key_store(url: str, **options: Any) -> KeyBackend:
@@ -55,12 +83,7 @@ def open_key_store(url: str, **options: Any) -> KeyBackend:
     Raises :class:`ConfigurationError` for a malformed URL or an unknown scheme, naming
     the schemes that are known.
     """
-    if not isinstance(url, str) or "://" not in url or len(url) > 4096:
-        raise ConfigurationError(
-            f"storage URL {shown(url)} is not a URL; use one of "
-            + ", ".join(f"{s}://" for s in registered_schemes())
-        )
-    scheme = urlsplit(url).scheme
+    scheme = _scheme(url, "storage", _KEY_STORES)
     factory = _KEY_STORES.get(scheme)
     if factory is None:
         raise ConfigurationError(
@@ -70,4 +93,17 @@ def open_key_store(url: str, **options: Any) -> KeyBackend:
     store = factory(url, **options)
     if not isinstance(store, KeyBackend):
         raise ConfigurationError(f"the {scheme}:// factory did not return a key store")
+    return store
+
+
+def open_rate_store(url: str, **options: Any) -> RateBackend:
+    """A rate store for ``url``: ``memory://``, ``sqlite:///path.db``, or a ``limits`` URL.
+
+    **Note**: stores opened through ``limits`` (memcached, MongoDB, ...) check each
+    window separately, so they are not atomic across windows.
+    """
+    scheme = _scheme(url, "limiter", _RATE_STORES)
+    store = _RATE_STORES.get(scheme, _LIMITS_FALLBACK)(url, **options)
+    if not isinstance(store, RateBackend):
+        raise ConfigurationError(f"the {scheme}:// factory did not return a rate store")
     return store

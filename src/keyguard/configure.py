@@ -1,0 +1,73 @@
+"""Build a ready :class:`Guard` from :class:`KeyGuardSettings`: one place that turns
+configuration into objects, so the server, the CLI and users' apps agree."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from .backends.protocols import KeyBackend
+from .backends.registry import open_key_store, open_rate_store
+from .clock import Clock
+from .credentials import CredentialConfig
+from .guard import Guard
+from .limiting import RateBackend
+from .proxies import TrustedProxies
+from .scopes import RouteMap, RouteRule
+from .settings import KeyGuardSettings
+
+__all__ = ["build_guard", "limiter_url_for"]
+
+
+def limiter_url_for(settings: KeyGuardSettings) -> str:
+    """Where limits are counted: ``limiter_url``, else beside the keys.
+
+    A SQLite key store shares its file with the limiter, so limits stay exact across
+    the worker processes of one machine; anything else counts in memory.
+    """
+    if settings.limiter_url is not None:
+        return settings.limiter_url
+    scheme = urlsplit(settings.storage_url).scheme
+    return settings.storage_url if scheme in {"sqlite", "redis", "rediss"} else "memory://"
+
+
+def build_guard(
+    settings: KeyGuardSettings,
+    *,
+    keys: KeyBackend | None = None,
+    limiter: RateBackend | None = None,
+    rules: tuple[RouteRule, ...] = (),
+    public: tuple[str, ...] = (),
+    clock: Clock | None = None,
+) -> Guard:
+    """A guard configured by ``settings``; stores are opened unless given.
+
+    ``rules`` map routes to the scopes they need; ``public`` and
+    ``settings.public_paths`` are served without a key. The caller owns the stores
+    and closes them on shutdown.
+    """
+    proxies = TrustedProxies(hops=settings.trusted_proxy_hops, networks=settings.trusted_proxies)
+    public_paths = (*public, *settings.public_paths)
+    routes = RouteMap(rules, public=public_paths) if rules or public_paths else None
+    limiter_options = {} if clock is None else {"clock": clock}
+    return Guard(
+        keys=keys if keys is not None else open_key_store(settings.storage_url),
+        limiter=limiter
+        if limiter is not None
+        else open_rate_store(limiter_url_for(settings), **limiter_options),
+        credentials=CredentialConfig(
+            methods=settings.credential_methods,
+            header_name=settings.api_key_header,
+            query_param=settings.query_param,
+        ),
+        proxies=proxies,
+        routes=routes,
+        plans=settings.plan_table(),
+        key_format=settings.key_format(),
+        hasher=settings.hasher(),
+        clock=clock,
+        on_limiter_error=settings.on_limiter_error,
+        reveal_key_status=settings.reveal_key_status,
+        expiry_warning=settings.expiry_warning,
+        auth_failures=settings.auth_failures,
+        deny_ips=settings.deny_ips,
+    )
