@@ -1,14 +1,32 @@
-"""Helpers for testing apps that use keyguard: a fake clock and ready-made managers."""
+"""Helpers for testing apps that use keyguard: a fake clock, in-memory guards, keys.
+
+.. code-block:: python
+
+    from keyguard.testing import FakeClock, memory_guard
+
+    clock = FakeClock()
+    guard, manager = memory_guard(clock=clock)
+    key = manager.create("test", scopes=["text:generate"]).key.reveal()
+    app.add_middleware(KeyGuardMiddleware, guard=guard)
+    ...
+    clock.advance(60)   # the next minute window, without sleeping
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from .backends.memory import MemoryKeyStore
+from .backends.memory_limiter import MemoryRateStore
 from .clock import from_timestamp
+from .guard import Guard
 from .manager import AsyncKeyManager, KeyManager
+from .plans import Plan
+from .scopes import RouteMap
 
-__all__ = ["FakeClock", "memory_manager"]
+__all__ = ["FakeClock", "memory_guard", "memory_manager"]
 
 
 class FakeClock:
@@ -48,3 +66,28 @@ def memory_manager(clock: FakeClock | None = None) -> tuple[KeyManager, AsyncKey
     store = MemoryKeyStore()
     kwargs = {} if clock is None else {"clock": clock}
     return KeyManager(store, **kwargs), AsyncKeyManager(store, **kwargs)
+
+
+def memory_guard(
+    *,
+    clock: FakeClock | None = None,
+    routes: RouteMap | None = None,
+    plans: Mapping[str, Plan] | None = None,
+    public: Sequence[str] = (),
+    **options: Any,
+) -> tuple[Guard, KeyManager]:
+    """A guard on in-memory stores and the manager that mints keys for it.
+
+    Everything shares ``clock``, so a test moves through windows, expiry and grace
+    periods with ``clock.advance`` instead of sleeping.
+    """
+    store = MemoryKeyStore()
+    kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+    if routes is None and public:
+        routes = RouteMap((), public=public)
+    if plans is not None:
+        options["plans"] = plans
+    guard = Guard(
+        keys=store, limiter=MemoryRateStore(**kwargs), routes=routes, **kwargs, **options
+    )
+    return guard, KeyManager(store, **kwargs)
