@@ -1,0 +1,348 @@
+"""Rate limits in a SQLite file: exact across the worker processes of one machine.
+
+Every hit is one ``BEGIN IMMEDIATE`` transaction: read the bucket's row, run
+:func:`keyguard.windows.evaluate`, write the row back. The write lock is taken before
+the read, so two workers can never both admit the last request of a window, and a
+failure rolls the whole hit back: a bucket's windows, quotas and leases live in one row
+and change together or not at all. WAL mode lets ``peek`` read while a hit writes, and
+``busy_timeout`` makes writers queue instead of failing.
+
+Windows and leases run on the **wall** clock here, because worker processes share no
+monotonic clock: a wall-clock step moves them too (a step back is folded into the
+current slot, so it neither forgets requests nor locks out longer than one window).
+
+Rows of idle buckets are deleted lazily, a bounded batch every few writes. Tables are
+prefixed ``rl_`` so the file can be shared with :class:`~keyguard.backends.sqlite.SQLiteKeyStore`;
+the schema version sits in ``rl_meta`` because ``PRAGMA user_version`` is the key
+store's. ``synchronous=NORMAL`` (safe in WAL mode) keeps hits fast: a process crash
+loses nothing, a power cut may lose the last few hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..clock import Clock, SystemClock
+from ..errors import ConfigurationError, StorageError
+from ..limiting import Admission, HitRequest, LimitPolicy, LimitState, QuotaPeriod
+from ..windows import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_SLOTS,
+    EMPTY,
+    BucketState,
+    Counter,
+    Now,
+    Tuning,
+    Usage,
+    evaluate,
+    idle_at,
+    inspect,
+    release,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteRateStore", "dumps", "loads"]
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: one row per bucket: its whole state, and when it goes idle
+        """CREATE TABLE rl_buckets (
+            bucket TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            idle_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX rl_buckets_by_idle ON rl_buckets (idle_at)",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+_UPSERT = """
+    INSERT INTO rl_buckets (bucket, state, idle_at) VALUES (?, ?, ?)
+    ON CONFLICT (bucket) DO UPDATE SET state = excluded.state, idle_at = excluded.idle_at
+"""
+_CLEAN = """
+    DELETE FROM rl_buckets WHERE bucket IN
+        (SELECT bucket FROM rl_buckets WHERE idle_at < ? ORDER BY idle_at LIMIT 64)
+"""
+_CLEAN_EVERY = 32  # writes between two clean-ups; each deletes at most 64 rows
+
+
+def dumps(state: BucketState) -> str:
+    """A bucket's state as compact JSON: the text of its row."""
+    data = {
+        "w": {k: [c.span, c.width, [list(s) for s in c.slots]] for k, c in state.windows.items()},
+        "q": {k: [u.period, u.used] for k, u in state.quotas.items()},
+        "l": dict(state.leases),
+    }
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("not an integer")
+    return value
+
+
+def loads(text: str | bytes) -> BucketState:
+    """The state :func:`dumps` wrote. :raises ValueError: if the text is damaged."""
+    try:
+        data = json.loads(text)
+        windows = {
+            str(k): Counter(_int(s), _int(w), tuple((_int(a), _int(b)) for a, b in slots))
+            for k, (s, w, slots) in data["w"].items()
+        }
+        quotas = {str(k): Usage(str(p), _int(u)) for k, (p, u) in data["q"].items()}
+        leases = {str(k): _int(v) for k, v in data["l"].items()}
+        for key in quotas:
+            QuotaPeriod(key[: key.index(":")])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError("damaged rate-limit state") from exc
+    if any(c.width < 1 or c.span < 1 for c in windows.values()):
+        raise ValueError("damaged rate-limit state")
+    return BucketState(windows, quotas, leases)
+
+
+@contextmanager
+def _storage_errors(action: str) -> Iterator[None]:
+    """Driver errors become :class:`StorageError`; the message names only the action."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"the SQLite rate store could not {action}") from exc
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rl_meta'"
+    ).fetchone()
+    if found is None:
+        return 0
+    row = conn.execute("SELECT value FROM rl_meta WHERE name = 'schema'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _migrate(conn: sqlite3.Connection, where: str) -> None:
+    """Bring the ``rl_`` tables to :data:`SCHEMA_VERSION`; read again under the lock."""
+    if _version(conn) == SCHEMA_VERSION:
+        return  # nothing to write: a read-only file still opens
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS rl_meta (name TEXT PRIMARY KEY, value INTEGER)")
+        version = _version(conn)
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the rate-limit tables in {where} have schema version {version}, newer than "
+                f"the {SCHEMA_VERSION} this keyguard knows; upgrade keyguard"
+            )
+        for step in _MIGRATIONS[version:]:
+            for statement in step:
+                conn.execute(statement)
+        conn.execute("INSERT OR REPLACE INTO rl_meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class _Slot:
+    """One thread's connection, closed when the thread (and so its local) goes away."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        self.conn.close()
+
+
+class SQLiteRateStore:
+    """A :class:`~keyguard.limiting.RateStore` and ``AsyncRateStore`` in a SQLite file.
+
+    :param path: the database file; created if missing, but its directory must exist.
+    :param clock: the time source; only its wall clock (``now()``) is read.
+    :param busy_timeout: milliseconds a hit waits for another writer before
+        :class:`StorageError`.
+    :param lease_ttl: seconds a concurrency slot is held if never released (by a
+        worker that crashed, say).
+    :param slots: slots per window (precision against row size).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock | None = None,
+        busy_timeout: int = 5000,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        slots: int = DEFAULT_SLOTS,
+    ) -> None:
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int) or busy_timeout < 0:
+            raise ConfigurationError("busy_timeout must be a whole number of milliseconds >= 0")
+        if os.fspath(path) == ":memory:":
+            raise ConfigurationError("an in-memory SQLite rate store is per process; use memory://")
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._tuning = Tuning(slots, lease_ttl)
+        self._timeout = busy_timeout / 1000
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
+        self._closed = False
+        self._writes = itertools.count(1)
+        file = Path(path).absolute()  # so a later chdir cannot switch files
+        self._where = repr(str(file))
+        if not file.parent.is_dir():
+            raise ConfigurationError(f"the directory of the rate database {self._where} is missing")
+        self._uri = file.as_uri() + "?mode=rw"  # a file deleted under us is an error
+        setup = self._connect(file.as_uri() + "?mode=rwc")
+        try:
+            with _storage_errors("open the database"):
+                if str(setup.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    setup.execute("PRAGMA journal_mode = WAL")
+                _migrate(setup, self._where)
+        finally:
+            setup.close()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteRateStore:
+        """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db``."""
+        rest = url.removeprefix("sqlite://")
+        if rest == url or not rest.startswith("/") or len(rest) == 1:
+            raise ConfigurationError(
+                "a SQLite URL reads sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        return cls(rest[1:], **options)
+
+    def __repr__(self) -> str:
+        return f"SQLiteRateStore({self._where})"
+
+    # connections and transactions
+
+    def _connect(self, uri: str) -> sqlite3.Connection:
+        with _storage_errors("open the database"):
+            # check_same_thread=False only so close() can close every thread's connection.
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is not None and slot.pid == os.getpid() and not self._closed:
+            return slot.conn  # never across fork(): a child opens its own
+        with self._lock:
+            if self._closed:
+                raise StorageError("the SQLite rate store is closed")
+            slot = _Slot(self._connect(self._uri))
+            self._slots.add(slot)
+        self._local.slot = slot
+        return slot.conn
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: all of the body, or none of it."""
+        conn = self._conn()
+        with _storage_errors(action):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _now(self) -> Now:
+        wall = self._clock.now()
+        return Now(wall, wall)
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, bucket: str) -> BucketState:
+        row = conn.execute("SELECT state FROM rl_buckets WHERE bucket = ?", (bucket,)).fetchone()
+        if row is None:
+            return EMPTY
+        try:
+            return loads(row[0])
+        except ValueError as exc:
+            raise StorageError("a stored rate-limit state is damaged") from exc
+
+    def _save(self, conn: sqlite3.Connection, bucket: str, state: BucketState, now: Now) -> None:
+        if state.is_empty():
+            conn.execute("DELETE FROM rl_buckets WHERE bucket = ?", (bucket,))
+        else:
+            conn.execute(_UPSERT, (bucket, dumps(state), idle_at(state, now)))
+        if next(self._writes) % _CLEAN_EVERY == 0:
+            conn.execute(_CLEAN, (now.tick,))
+
+    # sync face
+
+    def hit(self, request: HitRequest) -> Admission:
+        if request.policy.is_empty():
+            return Admission(True, ())
+        with self._write("count a hit") as conn:
+            now = self._now()  # read under the lock, so hits are stored in time order
+            loaded = self._load(conn, request.bucket)
+            admission, state = evaluate(loaded, request, now, self._tuning)
+            # A refusal charges nothing, but its pruning (at most once a slot) is kept:
+            # it is what folds slots from before a clock step back into the present.
+            if admission.allowed or state != loaded:
+                self._save(conn, request.bucket, state, now)
+        return admission
+
+    def release(self, bucket: str, lease: str) -> None:
+        with self._write("release a slot") as conn:
+            state = self._load(conn, bucket)
+            if lease in state.leases:
+                now = self._now()
+                self._save(conn, bucket, release(state, lease, now), now)
+
+    def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
+        conn = self._conn()
+        with _storage_errors("read a bucket"):
+            state = self._load(conn, bucket)
+        return inspect(state, policy, self._now(), self._tuning)
+
+    def reset(self, bucket: str) -> None:
+        with self._write("reset a bucket") as conn:
+            conn.execute("DELETE FROM rl_buckets WHERE bucket = ?", (bucket,))
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise :class:`StorageError`."""
+        with self._lock:
+            self._closed = True
+            slots, self._slots = list(self._slots), weakref.WeakSet()
+        with _storage_errors("close the database"):
+            for slot in slots:
+                slot.conn.close()
+
+    # async face: each call runs in a worker thread, which has its own connection
+
+    async def ahit(self, request: HitRequest) -> Admission:
+        return await asyncio.to_thread(self.hit, request)
+
+    async def arelease(self, bucket: str, lease: str) -> None:
+        await asyncio.to_thread(self.release, bucket, lease)
+
+    async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
+        return await asyncio.to_thread(self.peek, bucket, policy)
+
+    async def areset(self, bucket: str) -> None:
+        await asyncio.to_thread(self.reset, bucket)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
