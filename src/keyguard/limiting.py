@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "Admission",
@@ -91,12 +91,12 @@ class HitRequest:
     lease: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """Where one limit stands after (or instead of) a hit.
 
     ``reset_after`` is the number of seconds until the capacity consumed now is
-    available again (for a window: until the oldest counted requests leave it).
+    available again (for a window: until the oldest counted requests leave it). A
+    named tuple, not a dataclass, because every hit builds one per limit.
     """
 
     name: str
@@ -107,12 +107,11 @@ class LimitState:
     window_seconds: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """A limiter's answer.
 
     ``retry_after`` is ``None`` on a refusal that waiting cannot cure (a cost larger
-    than the limit itself).
+    than the limit itself). A named tuple, as cheap to build as :class:`LimitState`.
     """
 
     allowed: bool

@@ -1,9 +1,11 @@
 """The arithmetic of windows, quotas and concurrency slots, written once for every backend.
 
-Pure: no I/O and no clock reads. A backend loads a bucket's :class:`BucketState`,
-calls :func:`evaluate` with the time it read, and stores the state it gets back, all
-inside its own atomic step (a lock, a transaction); the memory backend keeps the
-states in a dict, the SQLite one stores them as JSON, one row per bucket.
+Pure: no I/O and no clock reads. A backend holds a mutable :class:`Bucket` per key and
+calls :func:`decide` with the time it read, inside its own atomic step (a lock, a
+transaction): the memory backend keeps its buckets in a dict, the SQLite one loads a
+bucket from its JSON row and writes it back when :attr:`Bucket.dirty` says it changed.
+:func:`decide` checks every limit without charging (it only drops what expired, which
+changes no answer) and charges them all only if all admit, so a refusal costs nothing.
 
 **Windows** slide: a window of ``W`` seconds counts requests in slots of
 ``max(1, W // slots)`` seconds, and a request at ``t`` is admitted only if fewer than
@@ -18,13 +20,23 @@ expiry, so a crashed worker's slots come back after the lease TTL.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 
 from limits import parse_many
 
-from .clock import from_timestamp
+from ._state import (
+    Bucket,
+    Counter,
+    Now,
+    Period,
+    Usage,
+    current_period,
+    idle_at,
+    period_at,
+    prune,
+    to_ms,
+)
 from .errors import ConfigurationError, shown
 from .limiting import (
     Admission,
@@ -42,14 +54,14 @@ __all__ = [
     "DEFAULT_LEASE_TTL",
     "DEFAULT_SLOTS",
     "DEFAULT_TUNING",
-    "EMPTY",
-    "BucketState",
+    "Bucket",
     "Counter",
     "Now",
+    "Period",
     "Tuning",
     "Usage",
     "current_period",
-    "evaluate",
+    "decide",
     "idle_at",
     "inspect",
     "policy_from_strings",
@@ -66,18 +78,9 @@ DEFAULT_LEASE_TTL = 120.0
 CONCURRENCY_RETRY = 1.0
 CONCURRENCY = "concurrency"
 _NAME = re.compile(r"[a-z0-9-]{1,64}")
-
-
-@dataclass(frozen=True, slots=True)
-class Now:
-    """The time of one decision, as the backend read it.
-
-    ``tick`` drives windows and leases (monotonic in one process, wall time when
-    processes share the state); ``wall`` places quotas in the UTC calendar.
-    """
-
-    tick: float
-    wall: float
+_WINDOW, _QUOTA, _SLOTS = LimitKind.WINDOW, LimitKind.QUOTA, LimitKind.CONCURRENCY
+_RETRY_MS = 1000  # CONCURRENCY_RETRY in milliseconds
+_new = tuple.__new__  # builds a named tuple at half the cost of calling its class
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ class Tuning:
 
     slots: int = DEFAULT_SLOTS
     lease_ttl: float = DEFAULT_LEASE_TTL
+    lease_ms: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 1:
@@ -94,323 +98,246 @@ class Tuning:
             raise ConfigurationError(
                 f"lease_ttl must be seconds in (0, 86400], not {shown(self.lease_ttl)}"
             )
+        object.__setattr__(self, "lease_ms", to_ms(self.lease_ttl))
 
 
-@dataclass(frozen=True, slots=True)
-class Counter:
-    """One window's requests: ``(k, n)`` pairs, oldest first, in milliseconds.
-
-    Slot ``k`` holds the ``n`` requests made in ``((k - 1) * width, k * width]``.
-    """
-
-    span: int
-    width: int
-    slots: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Units used in one quota period (``YYYY-MM-DD`` or ``YYYY-MM``, UTC)."""
-
-    period: str
-    used: int
-
-
-@dataclass(frozen=True, slots=True)
-class BucketState:
-    """Everything counted for one bucket; immutable, so a refusal can return it as is.
-
-    Keys: windows ``"<seconds>:<scope>"``, quotas ``"<day|month>:<scope>"`` (so limits
-    of the same shape share a counter, and a renamed or re-limited window keeps its
-    count); leases map a lease id to its expiry tick in milliseconds.
-    """
-
-    windows: Mapping[str, Counter] = field(default_factory=dict)
-    quotas: Mapping[str, Usage] = field(default_factory=dict)
-    leases: Mapping[str, int] = field(default_factory=dict)
-
-    def is_empty(self) -> bool:
-        return not (self.windows or self.quotas or self.leases)
-
-
-EMPTY = BucketState()
 DEFAULT_TUNING = Tuning()
 
 
-@dataclass(frozen=True, slots=True)
-class _Check:
-    """One limit's verdict: its state if nothing is charged and if the hit is charged."""
-
-    ok: bool
-    retry: int | None  # ms until it would admit; None when waiting cannot help
-    before: LimitState
-    after: LimitState
+# -- policies, compiled once ------------------------------------------------------------
 
 
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)
+class _Plan:
+    """A policy's lookups, precomputed: the limits in the order their states are shown,
+    and each shared counter (``counted``, ``charged``) once."""
+
+    __slots__ = ("cap", "charged", "counted", "quotas", "windows")
+
+    def __init__(self, policy: LimitPolicy) -> None:
+        if any(w.seconds < 1 for w in policy.windows):
+            raise ValueError("a window must last at least one second")
+        self.windows = tuple(
+            (f"{w.seconds}:{w.scope}", w.name, w.limit, w.seconds) for w in policy.windows
+        )
+        self.counted = tuple({key: s for key, _, _, s in self.windows}.items())
+        self.quotas = tuple(
+            (f"{q.period.value}:{q.scope}", q.name, q.limit, q.period) for q in policy.quotas
+        )
+        self.charged = tuple({key: p for key, _, _, p in self.quotas}.items())
+        self.cap = policy.concurrency
 
 
-def _slot(t: int, width: int) -> int:
-    return -(-t // width)
+# By identity: policies are few and long-lived (keyguard.plans caches up to 4096), and
+# hashing a frozen policy costs more than the lookup saves. The entry holds the policy,
+# so its id stays its own while cached.
+_PLANS: dict[int, tuple[LimitPolicy, _Plan]] = {}
+_MAX_PLANS = 4096
 
 
-# -- quotas: the UTC calendar -------------------------------------------------------
+def _plan(policy: LimitPolicy) -> _Plan:
+    found = _PLANS.get(id(policy))
+    if found is not None and found[0] is policy:
+        return found[1]
+    plan = _Plan(policy)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[id(policy)] = (policy, plan)
+    return plan
 
 
-def current_period(wall: float, period: QuotaPeriod) -> tuple[str, float, float]:
-    """The UTC day or month holding ``wall``: its id, start and end (epoch seconds)."""
-    period_id = _period_id(wall, period)
-    return (period_id, *_period_bounds(period_id))
+# -- the checks -------------------------------------------------------------------------
 
 
-def _period_id(wall: float, period: QuotaPeriod) -> str:
-    text = from_timestamp(wall).date().isoformat()
-    return text if period is QuotaPeriod.DAY else text[:7]
+def _if_charged(  # noqa: PLR0912 - one flat pass: the hot path of every hit
+    bucket: Bucket, plan: _Plan, request: HitRequest, t: int, wall: float, *, slots: int
+) -> tuple[LimitState, ...] | None:
+    """Every limit's state with this hit charged, or ``None`` if one limit refuses it.
 
-
-def _period_bounds(period_id: str) -> tuple[float, float]:
-    """Start and end (epoch seconds) of a day or month id."""
-    if len(period_id) == 7:
-        start = date.fromisoformat(period_id + "-01")
-        end = date(start.year + start.month // 12, start.month % 12 + 1, 1)
-    else:
-        start = date.fromisoformat(period_id)
-        end = date.fromordinal(start.toordinal() + 1)
-    first, last = (datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() for d in (start, end))
-    return first, last
-
-
-def _quota_key(quota: Quota) -> str:
-    return f"{quota.period.value}:{quota.scope}"
-
-
-def _window_key(window: Window) -> str:
-    return f"{window.seconds}:{window.scope}"
-
-
-# -- pruning ------------------------------------------------------------------------
-
-
-def _prune_counter(counter: Counter, t: int) -> Counter:
-    """Drop slots that left the window; fold slots from the future (a clock stepped
-    back) into the current one, so a step neither forgets requests nor locks out."""
-    now_slot = _slot(t, counter.width)
-    floor = t - counter.span
-    kept: list[tuple[int, int]] = []
-    future = 0
-    for k, n in counter.slots:
-        if k > now_slot:
-            future += n
-        elif k * counter.width > floor:
-            kept.append((k, n))
-    if future:
-        if kept and kept[-1][0] == now_slot:
-            kept[-1] = (now_slot, kept[-1][1] + future)
+    The hot path: checks that find nothing expired are inlined, and states are built
+    without the named tuple's (Python-level) ``__new__``.
+    """
+    cost, lease = request.cost, request.lease
+    windows, states = bucket.windows, []
+    for key, name, limit, seconds in plan.windows:
+        counter = windows.get(key)
+        if counter is not None:
+            keys, width = counter.keys, counter.width  # never empty while stored
+            if keys[0] * width <= t - counter.span or (keys[-1] - 1) * width >= t:
+                counter = bucket.live_counter(key, t)  # a slot left, or is from the future
+        if counter is None:
+            if limit < 1:
+                return None
+            width = max(1, seconds // slots) * 1000
+            used, end = 0, -(-t // width) * width + seconds * 1000
         else:
-            kept.append((now_slot, future))
-    return Counter(counter.span, counter.width, tuple(kept))
+            used = counter.total
+            if used >= limit:
+                return None
+            end = counter.keys[0] * counter.width + counter.span
+        left, reset = limit - used - 1, (end - t) / 1000
+        states.append(_new(LimitState, (name, _WINDOW, limit, left, reset, seconds)))
+    quotas = bucket.quotas
+    for key, name, limit, kind in plan.quotas:
+        usage = quotas.get(key)
+        if usage is not None and wall < usage.period.end:
+            period, used = usage.period, usage.used
+        else:
+            bucket.live_usage(key, wall)  # drops a past period
+            period, used = period_at(wall, kind), 0
+        if used + cost > limit:
+            return None
+        left, reset = limit - used - cost, period.end - wall
+        states.append(_new(LimitState, (name, _QUOTA, limit, left, reset, period.length)))
+    cap = plan.cap
+    if cap is not None:
+        leases = bucket.leases
+        if leases and bucket.lease_min <= t:
+            leases = bucket.live_leases(t)
+        taken = len(leases) + (lease not in leases)
+        if taken > cap:
+            return None
+        reset = min(_RETRY_MS, min(leases.values()) - t) / 1000 if taken >= cap and leases else 0.0
+        states.append(_new(LimitState, (CONCURRENCY, _SLOTS, cap, cap - taken, reset, None)))
+    return tuple(states)
 
 
-def prune(state: BucketState, now: Now) -> BucketState:
-    """The state without anything expired: empty slots, past periods, dead leases."""
-    t = _ms(now.tick)
-    windows = {}
-    for key, counter in state.windows.items():
-        live = _prune_counter(counter, t)
-        if live.slots:
-            windows[key] = live
-    quotas = {
-        key: usage
-        for key, usage in state.quotas.items()
-        if usage.used > 0
-        and usage.period >= _period_id(now.wall, QuotaPeriod(key[: key.index(":")]))
-    }
-    leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > t}
-    return BucketState(windows, quotas, leases)
-
-
-def idle_at(state: BucketState, now: Now) -> float:
-    """The tick (seconds) after which ``state`` holds nothing live, so it can be dropped."""
-    t = _ms(now.tick)
-    ends = [t]
-    ends += [c.slots[-1][0] * c.width + c.span for c in state.windows.values() if c.slots]
-    ends += state.leases.values()
-    ends += [t + _ms(_period_bounds(u.period)[1] - now.wall) for u in state.quotas.values()]
-    return max(ends) / 1000
-
-
-# -- the checks -----------------------------------------------------------------------
-
-
-def _window_reset(counter: Counter, t: int) -> float:
-    if not counter.slots:
-        return 0.0
-    return max(0, counter.slots[0][0] * counter.width + counter.span - t) / 1000
-
-
-def _window_retry(counter: Counter, limit: int, t: int) -> int | None:
+def _window_retry(counter: Counter | None, limit: int, t: int) -> int | None:
     """The smallest wait after which one more request fits: shed the oldest slots."""
-    if limit < 1:
+    if limit < 1 or counter is None:
         return None
-    excess = sum(n for _, n in counter.slots) + 1 - limit
-    shed = 0
-    for k, n in counter.slots:
+    excess, shed = counter.total + 1 - limit, 0
+    for k, n in zip(counter.keys, counter.counts, strict=True):
         shed += n
         if shed >= excess:
             return k * counter.width + counter.span - t
     return 0
 
 
-def _add(counter: Counter, t: int) -> Counter:
-    k = _slot(t, counter.width)
-    slots = counter.slots
-    if slots and slots[-1][0] == k:
-        return Counter(counter.span, counter.width, (*slots[:-1], (k, slots[-1][1] + 1)))
-    return Counter(counter.span, counter.width, (*slots, (k, 1)))
+_Verdict = tuple[LimitState, bool, int | None]  # state uncharged, admits, wait (ms)
 
 
-def _counter(state: BucketState, window: Window, tuning: Tuning) -> Counter:
-    found = state.windows.get(_window_key(window))
-    if found is not None:
-        return found  # keeps its own slot width if the tuning changed since
-    width = max(1, window.seconds // tuning.slots) * 1000
-    return Counter(window.seconds * 1000, width)
+def _verdicts(
+    bucket: Bucket, plan: _Plan, t: int, wall: float, *, cost: int = 0, lease: str | None = None
+) -> list[_Verdict]:
+    """Every limit's state with nothing charged, whether it admits the hit, and the wait
+    (ms) until it would (``None`` when waiting cannot help)."""
+    verdicts: list[_Verdict] = []
+    for key, name, limit, seconds in plan.windows:
+        counter = bucket.live_counter(key, t)
+        used = 0 if counter is None else counter.total
+        reset = 0.0 if counter is None else (counter.keys[0] * counter.width + counter.span - t)
+        ok = used < limit
+        retry = None if ok else _window_retry(counter, limit, t)
+        state = LimitState(name, _WINDOW, limit, max(0, limit - used), reset / 1000, seconds)
+        verdicts.append((state, ok, retry))
+    for key, name, limit, kind in plan.quotas:
+        usage = bucket.live_usage(key, wall)
+        period, used = (period_at(wall, kind), 0) if usage is None else (usage.period, usage.used)
+        reset = max(0.0, period.end - wall)
+        state = LimitState(name, _QUOTA, limit, max(0, limit - used), reset, period.length)
+        verdicts.append((state, used + cost <= limit, None if cost > limit else to_ms(reset)))
+    cap = plan.cap
+    if cap is not None:
+        leases = bucket.live_leases(t)
+        held = len(leases)
+        wait = min(_RETRY_MS, min(leases.values()) - t) if held >= cap and leases else 0
+        ok = held + (lease not in leases) <= cap
+        state = LimitState(CONCURRENCY, _SLOTS, cap, max(0, cap - held), wait / 1000)
+        verdicts.append((state, ok, None if ok or cap < 1 else wait))
+    return verdicts
 
 
-def _window_check(state: BucketState, window: Window, t: int, tuning: Tuning) -> _Check:
-    counter = _counter(state, window, tuning)
-    used = sum(n for _, n in counter.slots)
-    name, limit, seconds = window.name, window.limit, window.seconds
-
-    def shown_as(c: Counter, n: int) -> LimitState:
-        reset = _window_reset(c, t)
-        return LimitState(name, LimitKind.WINDOW, limit, max(0, limit - n), reset, seconds)
-
-    ok = used + 1 <= limit
-    retry = None if ok else _window_retry(counter, limit, t)
-    return _Check(ok, retry, shown_as(counter, used), shown_as(_add(counter, t), used + 1))
+# -- the decisions ----------------------------------------------------------------------
 
 
-def _quota_check(state: BucketState, quota: Quota, cost: int, wall: float) -> _Check:
-    period = _period_id(wall, quota.period)
-    usage = state.quotas.get(_quota_key(quota))
-    if usage is not None and usage.period >= period:  # a later period: the clock stepped back
-        period, used = usage.period, usage.used
-    else:
-        used = 0
-    start, end = _period_bounds(period)
-    reset = max(0.0, end - wall)
-
-    def shown_as(n: int) -> LimitState:
-        left, length = max(0, quota.limit - n), round(end - start)
-        return LimitState(quota.name, LimitKind.QUOTA, quota.limit, left, reset, length)
-
-    ok = used + cost <= quota.limit
-    retry = None if cost > quota.limit else _ms(reset)
-    return _Check(ok, retry, shown_as(used), shown_as(used + cost))
-
-
-def _concurrency_check(state: BucketState, cap: int, lease: str | None, t: int) -> _Check:
-    held = len(state.leases)
-    taken = held if lease in state.leases else held + 1
-
-    def shown_as(count: int) -> LimitState:
-        reset = 0.0
-        if count >= cap and state.leases:
-            reset = min(CONCURRENCY_RETRY, (min(state.leases.values()) - t) / 1000)
-        return LimitState(CONCURRENCY, LimitKind.CONCURRENCY, cap, max(0, cap - count), reset)
-
-    before = shown_as(held)
-    ok = taken <= cap
-    retry = None if ok or cap < 1 else _ms(before.reset_after)
-    return _Check(ok, retry, before, shown_as(taken))
-
-
-def _checks(state: BucketState, request: HitRequest, now: Now, tuning: Tuning) -> list[_Check]:
-    t = _ms(now.tick)
-    policy = request.policy
-    checks = [_window_check(state, w, t, tuning) for w in policy.windows]
-    checks += [_quota_check(state, q, request.cost, now.wall) for q in policy.quotas]
-    if policy.concurrency is not None:
-        checks.append(_concurrency_check(state, policy.concurrency, request.lease, t))
-    return checks
+def _charge(
+    bucket: Bucket, plan: _Plan, request: HitRequest, t: int, wall: float, *, tuning: Tuning
+) -> None:
+    """Count the hit (every counter is live, as :func:`_if_charged` left it); limits of
+    one shape share a counter, charged once. ``idle`` only ever moves later."""
+    cost, lease = request.cost, request.lease
+    windows, idle = bucket.windows, bucket.idle
+    for key, seconds in plan.counted:
+        counter = windows.get(key)
+        if counter is None:
+            width = max(1, seconds // tuning.slots) * 1000
+            counter = windows[key] = Counter(seconds * 1000, width)
+        keys, width = counter.keys, counter.width
+        k = -(-t // width)  # the slot of t: ((k - 1) * width, k * width]
+        if keys and keys[-1] == k:
+            counter.counts[-1] += 1
+        else:
+            keys.append(k)
+            counter.counts.append(1)
+        counter.total += 1
+        idle = max(idle, k * width + counter.span)
+    if cost:
+        quotas = bucket.quotas
+        for key, kind in plan.charged:
+            usage = quotas.get(key)
+            if usage is not None:
+                usage.used += cost
+                continue
+            usage = quotas[key] = Usage(period_at(wall, kind), cost)
+            # Once a period: a wall-clock step since only makes expiry re-check it.
+            idle = max(idle, t + round((usage.period.end - wall) * 1000))
+    if plan.cap is not None and lease is not None:
+        end = t + tuning.lease_ms
+        if not bucket.leases or end < bucket.lease_min:
+            bucket.lease_min = end
+        bucket.leases[lease] = end
+        idle = max(idle, end)
+    bucket.idle = idle
+    bucket.dirty = True
 
 
-def _validate(request: HitRequest) -> None:
-    if isinstance(request.cost, bool) or not isinstance(request.cost, int) or request.cost < 0:
-        raise ValueError("a hit's cost must be a whole number >= 0")
-    if request.policy.concurrency is not None and request.lease is None:
-        raise ValueError("a policy with a concurrency cap needs a lease id on each hit")
-    if any(w.seconds < 1 for w in request.policy.windows):
-        raise ValueError("a window must last at least one second")
+def decide(
+    bucket: Bucket, request: HitRequest, now: Now, tuning: Tuning = DEFAULT_TUNING
+) -> Admission:
+    """Check every limit of ``request`` and, only if all admit, charge them all to ``bucket``.
 
-
-# -- the decisions --------------------------------------------------------------------
-
-
-def _charge(state: BucketState, request: HitRequest, now: Now, tuning: Tuning) -> BucketState:
-    """``state`` with the hit counted; limits of one shape share a counter, charged once."""
-    t = _ms(now.tick)
-    windows = dict(state.windows)
-    for key, window in {_window_key(w): w for w in request.policy.windows}.items():
-        windows[key] = _add(_counter(state, window, tuning), t)
-    quotas = dict(state.quotas)
-    for key, quota in {_quota_key(q): q for q in request.policy.quotas}.items():
-        if request.cost:
-            old = state.quotas.get(key)
-            period = _period_id(now.wall, quota.period)
-            if old is not None and old.period >= period:
-                quotas[key] = Usage(old.period, old.used + request.cost)
-            else:
-                quotas[key] = Usage(period, request.cost)
-    leases = dict(state.leases)
-    if request.policy.concurrency is not None and request.lease is not None:
-        leases[request.lease] = t + _ms(tuning.lease_ttl)
-    return BucketState(windows, quotas, leases)
-
-
-def evaluate(
-    state: BucketState, request: HitRequest, now: Now, tuning: Tuning = DEFAULT_TUNING
-) -> tuple[Admission, BucketState]:
-    """Check every limit of ``request`` and, only if all admit, charge them all.
-
-    Returns the answer and the state to store. A refusal charges nothing; its
-    ``retry_after`` is the longest wait among the refusing limits (``None`` when one of
-    them can never admit this request), so a retry exactly that much later passes.
+    A refusal charges nothing (it may drop what expired); its ``retry_after`` is the
+    longest wait among the refusing limits (``None`` when one of them can never admit
+    this request), so a retry exactly that much later passes.
 
     :raises ValueError: for a negative cost, a cap without a lease, a window under 1 s.
     """
-    _validate(request)
-    live = prune(state, now)
-    checks = _checks(live, request, now, tuning)
-    refused = [c for c in checks if not c.ok]
-    if not refused:
-        return Admission(True, tuple(c.after for c in checks)), _charge(live, request, now, tuning)
-    worst = max(refused, key=lambda c: float("inf") if c.retry is None else c.retry)
-    retry = None if worst.retry is None else worst.retry / 1000
-    states = tuple(c.before for c in checks)
-    return Admission(False, states, denied_by=worst.before, retry_after=retry), live
+    plan = _plan(request.policy)
+    cost, lease = request.cost, request.lease
+    if (type(cost) is not int or cost < 0) and (
+        isinstance(cost, bool) or not isinstance(cost, int) or cost < 0
+    ):
+        raise ValueError("a hit's cost must be a whole number >= 0")
+    if plan.cap is not None and lease is None:
+        raise ValueError("a policy with a concurrency cap needs a lease id on each hit")
+    t, wall = to_ms(now.tick), now.wall
+    states = _if_charged(bucket, plan, request, t, wall, slots=tuning.slots)
+    if states is not None:
+        _charge(bucket, plan, request, t, wall, tuning=tuning)
+        return _new(Admission, (True, states, None, None))
+    verdicts = _verdicts(bucket, plan, t, wall, cost=cost, lease=lease)
+    worst = max(
+        (v for v in verdicts if not v[1]), key=lambda v: float("inf") if v[2] is None else v[2]
+    )
+    retry = None if worst[2] is None else worst[2] / 1000
+    return Admission(False, tuple(v[0] for v in verdicts), worst[0], retry)
 
 
-def inspect(
-    state: BucketState, policy: LimitPolicy, now: Now, tuning: Tuning = DEFAULT_TUNING
-) -> tuple[LimitState, ...]:
+def inspect(bucket: Bucket, policy: LimitPolicy, now: Now) -> tuple[LimitState, ...]:
     """Where every limit of ``policy`` stands; nothing is charged (a backend's peek)."""
-    probe = HitRequest("", policy, cost=0)
-    return tuple(c.before for c in _checks(prune(state, now), probe, now, tuning))
+    verdicts = _verdicts(bucket, _plan(policy), to_ms(now.tick), now.wall)
+    return tuple(v[0] for v in verdicts)
 
 
-def release(state: BucketState, lease: str, now: Now) -> BucketState:
-    """The state without ``lease``; an unknown or already released lease changes nothing."""
-    live = prune(state, now)
-    if lease not in live.leases:
-        return live
-    leases = {k: v for k, v in live.leases.items() if k != lease}
-    return BucketState(live.windows, live.quotas, leases)
+def release(bucket: Bucket, lease: str) -> bool:
+    """Free ``lease``; says whether it was held (an unknown lease changes nothing)."""
+    if bucket.leases.pop(lease, None) is None:
+        return False
+    bucket.dirty = True
+    return True
 
 
-# -- configuration --------------------------------------------------------------------
+# -- configuration ----------------------------------------------------------------------
 
 
 def _windows(rate: str, scope: str) -> list[Window]:

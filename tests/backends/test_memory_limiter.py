@@ -154,6 +154,47 @@ def test_t88_eviction_never_resets_live_counter() -> None:
     assert store.hit(HitRequest("target", HOURLY)).allowed
 
 
+def test_busy_bucket_outlives_its_first_idle_time() -> None:
+    """A bucket hit again is kept until its last request leaves; hits add no heap rows."""
+    clock = FakeClock(START)
+    store = MemoryRateStore(clock=clock)
+    policy = LimitPolicy(windows=(Window("minute", 100, 60),))
+    for _ in range(50):
+        assert store.hit(HitRequest("k", policy)).allowed
+    clock.advance(50)
+    assert store.hit(HitRequest("k", policy)).allowed
+    assert len(store._idle) == 1  # one row per bucket, however often it is hit
+    clock.advance(11)  # the first 50 requests have left, the 51st has not
+    store.hit(HitRequest("other", policy))
+    assert len(store) == 2
+    assert store.peek("k", policy)[0].remaining == 99
+    clock.advance(50)  # now the 51st has left too
+    store.hit(HitRequest("other", policy))
+    assert len(store) == 1
+    assert store.peek("k", policy)[0].remaining == 100
+
+
+def test_capacity_wait_follows_buckets_hit_again() -> None:
+    """A full table's retry_after is when a bucket really goes idle, not its first guess."""
+    clock = FakeClock(START)
+    store = MemoryRateStore(clock=clock, max_entries=2)
+    policy = LimitPolicy(windows=(Window("minute", 5, 60),))
+    assert store.hit(HitRequest("a", policy)).allowed  # idle at 60 ...
+    clock.advance(10)
+    assert store.hit(HitRequest("b", policy)).allowed  # idle at 70
+    clock.advance(10)
+    assert store.hit(HitRequest("a", policy)).allowed  # ... now at 80
+    clock.advance(10)
+    refused = store.hit(HitRequest("c", policy))
+    assert not refused.allowed
+    assert refused.retry_after == pytest.approx(40)
+    clock.advance(39.999)
+    assert not store.hit(HitRequest("c", policy)).allowed
+    clock.advance(0.001)
+    assert store.hit(HitRequest("c", policy)).allowed
+    assert store.peek("a", policy)[0].remaining == 4  # its request at 20 still counts
+
+
 def test_full_table_still_serves_known_buckets_and_releases() -> None:
     """At capacity, existing buckets keep working: hits, peeks, releases and resets."""
     clock = FakeClock(START)

@@ -26,7 +26,7 @@ from keyguard.backends.sqlite_limiter import SCHEMA_VERSION, SQLiteRateStore, du
 from keyguard.errors import ConfigurationError, StorageError
 from keyguard.limiting import HitRequest, LimitPolicy, Quota, QuotaPeriod, Window
 from keyguard.testing import FakeClock
-from keyguard.windows import EMPTY, Now, evaluate
+from keyguard.windows import Bucket, Now, decide
 
 START = datetime(2027, 1, 15, 12, tzinfo=UTC)
 PROCESSES, THREADS = 4, 50
@@ -262,6 +262,21 @@ def test_t93_failed_write_rolls_back_every_limit(tmp_path: Path, faulty: type[Fa
     store.close()
 
 
+def test_refusal_writes_nothing(tmp_path: Path, faulty: type[Faulty]) -> None:
+    """A refused hit that finds nothing expired leaves the row alone: no write at all."""
+    store = SQLiteRateStore(tmp_path / "rl.db", clock=FakeClock(START))
+    policy = LimitPolicy(windows=(Window("minute", 1, 60),))
+    assert store.hit(HitRequest("k", policy)).allowed
+    faulty.fail_writes = True
+    assert not store.hit(HitRequest("k", policy)).allowed  # would raise had it written
+    with pytest.raises(StorageError):
+        store.hit(HitRequest("other", policy))  # an admission must write
+    faulty.fail_writes = False
+    assert used(store, "k", policy) == [1]
+    assert used(store, "other", policy) == [0]
+    store.close()
+
+
 def test_t93_disk_full(tmp_path: Path, faulty: type[Faulty]) -> None:
     """With no room left in the file, new buckets fail with StorageError and nothing else moves."""
     path = tmp_path / "rl.db"
@@ -371,13 +386,15 @@ def test_dumps_loads_round_trip(history: list[tuple[int, int]]) -> None:
         quotas=(Quota("monthly", 30, QuotaPeriod.MONTH),),
         concurrency=3,
     )
-    state, t = EMPTY, 0.0
+    bucket, t = Bucket(), 0.0
     for n, (gap, units) in enumerate(history):
         t += gap / 1000
-        state = evaluate(
-            state, HitRequest("b", policy, units, f"l{n}"), Now(t, START.timestamp() + t)
-        )[1]
-    assert loads(dumps(state)) == state
+        decide(bucket, HitRequest("b", policy, units, f"l{n}"), Now(t, START.timestamp() + t))
+    loaded = loads(dumps(bucket))
+    assert loaded == bucket
+    assert loaded.snapshot() == bucket.snapshot()
+    assert not loaded.dirty
+    assert all(c.total == sum(c.counts) for c in loaded.windows.values())
 
 
 @pytest.mark.parametrize(
@@ -389,6 +406,10 @@ def test_dumps_loads_round_trip(history: list[tuple[int, int]]) -> None:
         '{"w": {"60:": [60000, 0, []]}, "q": {}, "l": {}}',
         '{"w": {"60:": [60000, 1000, [[1, "x"]]]}, "q": {}, "l": {}}',
         '{"w": {}, "q": {"year:": ["2027", 1]}, "l": {}}',
+        '{"w": {}, "q": {"day:": ["2027-01", 1]}, "l": {}}',
+        '{"w": {}, "q": {"month:": ["2027-13", 1]}, "l": {}}',
+        '{"w": {"60:": [60000, 1000, [[2, 1], [1, 1]]]}, "q": {}, "l": {}}',
+        '{"w": {"60:": [60000, 1000, [[1, 0]]]}, "q": {}, "l": {}}',
         '{"w": {}, "q": {}, "l": {"a": true}}',
     ],
 )

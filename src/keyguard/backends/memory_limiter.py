@@ -1,15 +1,18 @@
 """Rate limits held in the process: exact for one process, bounded in memory.
 
-Each hit runs :func:`keyguard.windows.evaluate` under one lock, so the threads of a
-WSGI server and the tasks of an event loop see exact counts. Nothing blocks on I/O,
-so the async methods simply call through. Windows and leases run on the monotonic
-clock, so stepping the wall clock neither resets nor locks anyone out; quotas follow
-the wall clock's UTC calendar.
+Each hit runs :func:`keyguard.windows.decide` on the bucket's state, in place, under
+one lock, so the threads of a WSGI server and the tasks of an event loop see exact
+counts. Nothing blocks on I/O, so the async methods simply call through. Windows and
+leases run on the monotonic clock, so stepping the wall clock neither resets nor
+locks anyone out; quotas follow the wall clock's UTC calendar.
 
 Memory is bounded without a background thread: idle buckets expire lazily, found
-through a heap of the times at which they go idle. When ``max_entries`` live buckets
-exist, a new bucket is refused (``denied_by.name == "capacity"``) rather than evicting
-a live counter, which would hand an attacker who floods the table a fresh limit.
+through a heap of the times at which they go idle. A hit only moves a bucket's idle
+time later and leaves the heap alone: a row that comes up early is pushed again at
+the bucket's idle time then, so the heap takes one row per bucket, not one per hit.
+When ``max_entries`` live buckets exist, a new bucket is refused
+(``denied_by.name == "capacity"``) rather than evicting a live counter, which would
+hand an attacker who floods the table a fresh limit.
 """
 
 from __future__ import annotations
@@ -17,20 +20,19 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from .._state import to_ms
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError
 from ..limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState
 from ..windows import (
     DEFAULT_LEASE_TTL,
     DEFAULT_SLOTS,
-    EMPTY,
-    BucketState,
+    Bucket,
     Now,
     Tuning,
-    evaluate,
+    decide,
     idle_at,
     inspect,
     prune,
@@ -42,12 +44,18 @@ __all__ = ["CAPACITY", "MemoryRateStore"]
 CAPACITY = "capacity"
 # Expired buckets dropped per call in passing, so expiry keeps up without a sweep.
 _EXPIRE_PER_CALL = 8
+_ALLOWED = Admission(True, ())
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    state: BucketState
-    idle_at: float  # monotonic seconds after which the state holds nothing live
+class _Entry(Bucket):
+    """A bucket with the tick (ms) of its current row in the idle heap: rows with any
+    other time are stale, and ``queued <= idle`` always."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = 0
 
 
 class MemoryRateStore:
@@ -79,7 +87,7 @@ class MemoryRateStore:
         self._tuning = Tuning(slots, lease_ttl)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
-        self._idle: list[tuple[float, str]] = []  # heap; stale rows are skipped
+        self._idle: list[tuple[int, str]] = []  # heap of (tick in ms, bucket)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryRateStore:
@@ -95,39 +103,45 @@ class MemoryRateStore:
         """How many buckets are held now (live, or idle and not yet dropped)."""
         return len(self._entries)
 
-    def _now(self) -> Now:
-        return Now(self._clock.monotonic(), self._clock.now())
-
     # sync face
 
     def hit(self, request: HitRequest) -> Admission:
         if request.policy.is_empty():
-            return Admission(True, ())
+            return _ALLOWED
         with self._lock:
-            now = self._now()
-            self._expire(now, _EXPIRE_PER_CALL)
+            clock = self._clock
+            now = Now(clock.monotonic(), clock.now())
+            if self._idle and self._idle[0][0] <= round(now.tick * 1000):  # to_ms, inlined
+                self._expire(now, _EXPIRE_PER_CALL)
             entry = self._entries.get(request.bucket)
-            admission, state = evaluate(
-                EMPTY if entry is None else entry.state, request, now, self._tuning
-            )
-            if entry is None and not state.is_empty() and not self._room(now):
+            if entry is not None:
+                admission = decide(entry, request, now, self._tuning)
+                if not admission.allowed and entry.is_empty():
+                    del self._entries[request.bucket]  # its heap row is now stale
+                return admission
+            entry = _Entry()
+            admission = decide(entry, request, now, self._tuning)
+            if entry.is_empty():
+                return admission
+            if not self._room(now):
                 return self._full(request.policy, now)
-            self._put(request.bucket, state, now)
+            self._entries[request.bucket] = entry
+            self._queue(request.bucket, entry)
+            if len(self._idle) > 2 * len(self._entries) + 1024:
+                self._compact()
         return admission
 
     def release(self, bucket: str, lease: str) -> None:
         with self._lock:
             entry = self._entries.get(bucket)
-            if entry is not None:
-                now = self._now()
-                self._put(bucket, release(entry.state, lease, now), now)
+            if entry is not None and release(entry, lease) and entry.is_empty():
+                del self._entries[bucket]
 
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         with self._lock:
             entry = self._entries.get(bucket)
-            return inspect(
-                EMPTY if entry is None else entry.state, policy, self._now(), self._tuning
-            )
+            now = Now(self._clock.monotonic(), self._clock.now())
+            return inspect(Bucket() if entry is None else entry, policy, now)
 
     def reset(self, bucket: str) -> None:
         with self._lock:
@@ -157,38 +171,41 @@ class MemoryRateStore:
 
     # bookkeeping, always under the lock
 
-    def _put(self, bucket: str, state: BucketState, now: Now) -> None:
-        if state.is_empty():
-            self._entries.pop(bucket, None)
-            return
-        old = self._entries.get(bucket)
-        when = idle_at(state, now)
-        self._entries[bucket] = _Entry(state, when)
-        # Idle times only move later on a hit; a release leaves an older, later row.
-        if old is None or when > old.idle_at:
-            heapq.heappush(self._idle, (when, bucket))
-            if len(self._idle) > 2 * len(self._entries) + 1024:
-                self._idle = [(e.idle_at, b) for b, e in self._entries.items()]
-                heapq.heapify(self._idle)
+    def _queue(self, bucket: str, entry: _Entry) -> None:
+        """Give ``entry`` its (new) heap row, at its idle time."""
+        entry.queued = entry.idle
+        heapq.heappush(self._idle, (entry.idle, bucket))
+
+    def _compact(self) -> None:
+        """Rebuild the heap with one row per bucket, dropping the stale rows."""
+        for entry in self._entries.values():
+            entry.queued = entry.idle
+        self._idle = [(e.idle, b) for b, e in self._entries.items()]
+        heapq.heapify(self._idle)
+
+    def _current(self, when: int, bucket: str) -> _Entry | None:
+        """The entry a heap row stands for, or ``None`` for a stale row."""
+        entry = self._entries.get(bucket)
+        return entry if entry is not None and entry.queued == when else None
 
     def _expire(self, now: Now, budget: int | None) -> None:
         """Drop buckets whose idle time has come (at most ``budget`` heap rows)."""
-        heap = self._idle
-        while heap and heap[0][0] <= now.tick and (budget is None or budget > 0):
+        heap, t = self._idle, to_ms(now.tick)
+        while heap and heap[0][0] <= t and (budget is None or budget > 0):
             if budget is not None:
                 budget -= 1
-            _, bucket = heapq.heappop(heap)
-            entry = self._entries.get(bucket)
-            if entry is None or entry.idle_at > now.tick:
-                continue  # a stale row: the bucket was reset, or hit since
-            # Re-checked on both clocks: a wall-clock step may have moved a quota period.
-            live = prune(entry.state, now)
-            if live.is_empty():
-                del self._entries[bucket]
-            else:
-                when = idle_at(live, now)  # always later than now, so the loop ends
-                self._entries[bucket] = _Entry(live, when)
-                heapq.heappush(heap, (when, bucket))
+            when, bucket = heapq.heappop(heap)
+            entry = self._current(when, bucket)
+            if entry is None:
+                continue
+            if entry.idle <= t:
+                # Re-checked on both clocks: a wall-clock step may have moved a quota period.
+                prune(entry, now)
+                if entry.is_empty():
+                    del self._entries[bucket]
+                    continue
+                entry.idle = max(t + 1, to_ms(idle_at(entry, now)))  # later, so the loop ends
+            self._queue(bucket, entry)
 
     def _room(self, now: Now) -> bool:
         if len(self._entries) < self._max:
@@ -198,8 +215,19 @@ class MemoryRateStore:
 
     def _full(self, policy: LimitPolicy, now: Now) -> Admission:
         """A refusal for a new bucket while the table is full of live ones."""
-        wait = max(0.001, self._idle[0][0] - now.tick) if self._idle else 1.0
+        heap = self._idle
+        while heap:  # bring the first row up to date, so the wait it gives is true
+            when, bucket = heap[0]
+            entry = self._current(when, bucket)
+            if entry is None:
+                heapq.heappop(heap)
+            elif entry.idle > when:
+                entry.queued = entry.idle
+                heapq.heapreplace(heap, (entry.idle, bucket))
+            else:
+                break
+        wait = max(0.001, (heap[0][0] - to_ms(now.tick)) / 1000) if heap else 1.0
         # LimitKind has no "capacity" kind yet; a window is the nearest meaning.
         full = LimitState(CAPACITY, LimitKind.WINDOW, self._max, 0, wait)
-        states = (*inspect(EMPTY, policy, now, self._tuning), full)
+        states = (*inspect(Bucket(), policy, now), full)
         return Admission(False, states, denied_by=full, retry_after=wait)

@@ -1,11 +1,11 @@
 """Rate limits in a SQLite file: exact across the worker processes of one machine.
 
 Every hit is one ``BEGIN IMMEDIATE`` transaction: read the bucket's row, run
-:func:`keyguard.windows.evaluate`, write the row back. The write lock is taken before
-the read, so two workers can never both admit the last request of a window, and a
-failure rolls the whole hit back: a bucket's windows, quotas and leases live in one row
-and change together or not at all. WAL mode lets ``peek`` read while a hit writes, and
-``busy_timeout`` makes writers queue instead of failing.
+:func:`keyguard.windows.decide` on it, write the row back if it changed. The write
+lock is taken before the read, so two workers can never both admit the last request
+of a window, and a failure rolls the whole hit back: a bucket's windows, quotas and
+leases live in one row and change together or not at all. WAL mode lets ``peek``
+read while a hit writes, and ``busy_timeout`` makes writers queue instead of failing.
 
 Windows and leases run on the **wall** clock here, because worker processes share no
 monotonic clock: a wall-clock step moves them too (a step back is folded into the
@@ -32,19 +32,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .._state import period_named
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, StorageError
 from ..limiting import Admission, HitRequest, LimitPolicy, LimitState, QuotaPeriod
 from ..windows import (
     DEFAULT_LEASE_TTL,
     DEFAULT_SLOTS,
-    EMPTY,
-    BucketState,
+    Bucket,
     Counter,
     Now,
     Tuning,
     Usage,
-    evaluate,
+    decide,
     idle_at,
     inspect,
     release,
@@ -74,39 +74,54 @@ _CLEAN = """
 _CLEAN_EVERY = 32  # writes between two clean-ups; each deletes at most 64 rows
 
 
-def dumps(state: BucketState) -> str:
+# One encoder: json.dumps builds a new one on every call that passes an option.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_KINDS = {kind.value: kind for kind in QuotaPeriod}
+_DAMAGED = "damaged rate-limit state"
+
+
+def dumps(bucket: Bucket) -> str:
     """A bucket's state as compact JSON: the text of its row."""
     data = {
-        "w": {k: [c.span, c.width, [list(s) for s in c.slots]] for k, c in state.windows.items()},
-        "q": {k: [u.period, u.used] for k, u in state.quotas.items()},
-        "l": dict(state.leases),
+        "w": {
+            k: [c.span, c.width, [[a, b] for a, b in zip(c.keys, c.counts, strict=True)]]
+            for k, c in bucket.windows.items()
+        },
+        "q": {k: [u.period.key, u.used] for k, u in bucket.quotas.items()},
+        "l": bucket.leases,
     }
-    return json.dumps(data, separators=(",", ":"))
+    return _ENCODE(data)
 
 
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("not an integer")
-    return value
+def _whole(*values: object) -> bool:
+    return all(type(v) is int for v in values)  # so not bool, nor float
 
 
-def loads(text: str | bytes) -> BucketState:
+def loads(text: str | bytes) -> Bucket:
     """The state :func:`dumps` wrote. :raises ValueError: if the text is damaged."""
+    bucket = Bucket()
     try:
         data = json.loads(text)
-        windows = {
-            str(k): Counter(_int(s), _int(w), tuple((_int(a), _int(b)) for a, b in slots))
-            for k, (s, w, slots) in data["w"].items()
-        }
-        quotas = {str(k): Usage(str(p), _int(u)) for k, (p, u) in data["q"].items()}
-        leases = {str(k): _int(v) for k, v in data["l"].items()}
-        for key in quotas:
-            QuotaPeriod(key[: key.index(":")])
+        for k, (span, width, slots) in data["w"].items():
+            keys, counts = [a for a, _ in slots], [n for _, n in slots]
+            if not _whole(span, width, *keys, *counts) or min(span, width, *counts) < 1:
+                raise ValueError(_DAMAGED)
+            if any(a >= b for a, b in itertools.pairwise(keys)):
+                raise ValueError(_DAMAGED)  # slots are stored oldest first
+            if keys:  # a stored counter always holds a slot
+                counter = bucket.windows[k] = Counter(span, width)
+                counter.keys, counter.counts, counter.total = keys, counts, sum(counts)
+        for k, (period, used) in data["q"].items():
+            if not _whole(used):
+                raise ValueError(_DAMAGED)
+            bucket.quotas[k] = Usage(period_named(_KINDS[k[: k.index(":")]], period), used)
+        bucket.leases = {str(k): v for k, v in data["l"].items()}
+        if not _whole(*bucket.leases.values()):
+            raise ValueError(_DAMAGED)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError("damaged rate-limit state") from exc
-    if any(c.width < 1 or c.span < 1 for c in windows.values()):
-        raise ValueError("damaged rate-limit state")
-    return BucketState(windows, quotas, leases)
+        raise ValueError(_DAMAGED) from exc
+    bucket.lease_min = min(bucket.leases.values(), default=0)
+    return bucket
 
 
 @contextmanager
@@ -272,16 +287,16 @@ class SQLiteRateStore:
         return Now(wall, wall)
 
     @staticmethod
-    def _load(conn: sqlite3.Connection, bucket: str) -> BucketState:
+    def _load(conn: sqlite3.Connection, bucket: str) -> Bucket:
         row = conn.execute("SELECT state FROM rl_buckets WHERE bucket = ?", (bucket,)).fetchone()
         if row is None:
-            return EMPTY
+            return Bucket()
         try:
             return loads(row[0])
         except ValueError as exc:
             raise StorageError("a stored rate-limit state is damaged") from exc
 
-    def _save(self, conn: sqlite3.Connection, bucket: str, state: BucketState, now: Now) -> None:
+    def _save(self, conn: sqlite3.Connection, bucket: str, state: Bucket, now: Now) -> None:
         if state.is_empty():
             conn.execute("DELETE FROM rl_buckets WHERE bucket = ?", (bucket,))
         else:
@@ -296,26 +311,25 @@ class SQLiteRateStore:
             return Admission(True, ())
         with self._write("count a hit") as conn:
             now = self._now()  # read under the lock, so hits are stored in time order
-            loaded = self._load(conn, request.bucket)
-            admission, state = evaluate(loaded, request, now, self._tuning)
+            state = self._load(conn, request.bucket)
+            admission = decide(state, request, now, self._tuning)
             # A refusal charges nothing, but its pruning (at most once a slot) is kept:
             # it is what folds slots from before a clock step back into the present.
-            if admission.allowed or state != loaded:
+            if state.dirty:
                 self._save(conn, request.bucket, state, now)
         return admission
 
     def release(self, bucket: str, lease: str) -> None:
         with self._write("release a slot") as conn:
             state = self._load(conn, bucket)
-            if lease in state.leases:
-                now = self._now()
-                self._save(conn, bucket, release(state, lease, now), now)
+            if release(state, lease):
+                self._save(conn, bucket, state, self._now())
 
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         conn = self._conn()
         with _storage_errors("read a bucket"):
             state = self._load(conn, bucket)
-        return inspect(state, policy, self._now(), self._tuning)
+        return inspect(state, policy, self._now())
 
     def reset(self, bucket: str) -> None:
         with self._write("reset a bucket") as conn:
