@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -74,6 +75,9 @@ TABLE: Final[dict[str, Entry]] = {
     "key_store_unavailable": Entry(
         503, "service_unavailable", "Authentication is temporarily unavailable."
     ),
+    # A bug or an unexpected failure inside keyguard (SECURITY.md a.10): a generic body,
+    # nothing internal, and never the exception's message, which may hold request data.
+    "internal_error": Entry(500, "api_error", "An internal error occurred."),
 }
 
 _SAFE_DETAIL = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")  # RFC 6750 error_description
@@ -107,7 +111,15 @@ def deny(code: str, **details: object) -> Denial:
 
 
 def _retry_after(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
+    """Whole seconds to wait: rounded up, at least 1, plus up to 10 % of jitter.
+
+    Clients refused at the same moment would otherwise all come back at the same
+    moment (ratelimit-headers draft §8.5). The jitter only ever adds time, so a retry
+    after the advertised delay is still admitted (T72, T98). Below 10 s a whole second
+    is already more than 10 %, so short waits are sent exactly.
+    """
+    base = max(1, math.ceil(seconds))
+    return base + secrets.randbelow(base // 10 + 1)
 
 
 def _challenge(entry: Entry, denial: Denial, realm: str) -> bytes | None:
@@ -130,8 +142,8 @@ def render(denial: Denial, *, realm: str = "api") -> tuple[int, Headers, bytes]:
     """Status, headers and JSON body for a denial.
 
     Every refusal carries ``Cache-Control: no-store``; a 401 always carries a
-    challenge (RFC 9110 §15.5.2); 429 and 503 carry ``Retry-After`` unless
-    waiting cannot help.
+    challenge (RFC 9110 §15.5.2); 429 and 503 carry ``Retry-After`` (jittered
+    upwards, see :func:`_retry_after`) unless waiting cannot help.
     """
     entry = TABLE[denial.code]
     message = entry.message if denial.detail is None else f"{entry.message} ({denial.detail})"

@@ -9,7 +9,11 @@ touch storage: the key lookup and the single atomic limiter call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import secrets
+import traceback
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -103,13 +107,29 @@ class _Hit(Op[Backends, Backends, Admission]):
         return ctx.limiter.hit(self.request)
 
     async def arun(self, ctx: Backends) -> Admission:
-        if ctx.limiter is None:  # pragma: no cover - the flow never yields a hit then
+        limiter = ctx.limiter
+        if limiter is None:  # pragma: no cover - the flow never yields a hit then
             raise StorageError("no limiter configured")
-        return await ctx.limiter.ahit(self.request)
+        lease = self.request.lease
+        if lease is None:
+            return await limiter.ahit(self.request)
+        # A hit that takes a concurrency slot may run on after this task is cancelled
+        # (in a worker thread, on a server), and nobody would give the slot back: the
+        # key would stay at "full" until the lease expires (T82). So the hit is
+        # shielded; on cancellation we wait for it and release what it took.
+        hit = asyncio.ensure_future(limiter.ahit(self.request))
+        try:
+            return await asyncio.shield(hit)
+        except asyncio.CancelledError:
+            with contextlib.suppress(StorageError):
+                if (await hit).allowed:
+                    await limiter.arelease(self.request.bucket, lease)
+            raise
 
 
 GuardFlow: TypeAlias = Generator[Op[Backends, Backends, Any], Any, Decision]
 _RETRY_WHEN_DOWN = 5.0
+_logger = logging.getLogger("keyguard")
 
 
 class Guard:
@@ -130,6 +150,18 @@ class Guard:
     :param auth_failures: failed authentications allowed per client IP per minute
         before further attempts get 429 without touching storage (``0`` disables).
     :param deny_ips: networks refused for every key.
+    :param realm: the ``realm`` of the ``WWW-Authenticate`` challenges: 1-64 ASCII
+        letters, digits, spaces or ``-_.:``.
+    :param allow_preflight: let CORS preflights through without a key: an ``OPTIONS``
+        request carrying ``Access-Control-Request-Method`` reaches the app with no
+        identity (Kong's ``run_on_preflight = false``). Off by default, so a preflight
+        needs a key like any other request; browsers never send one, so turn this on
+        when the app (or its CORS middleware) answers preflights itself. The
+        deployment-wide deny list still applies.
+
+    An unexpected exception while deciding (a bug, a misbehaving custom store or
+    hasher) becomes a generic ``500 internal_error``; the log records the exception's
+    type and where it was raised, never its message, which may hold request data.
 
     **Security note**: the client address comes from the socket unless ``proxies``
     says otherwise; configure it to match your deployment or IP rules mean nothing.
@@ -154,11 +186,19 @@ class Guard:
         auth_failures: int = 20,
         deny_ips: Sequence[str] = (),
         realm: str = "api",
+        allow_preflight: bool = False,
     ) -> None:
         if on_limiter_error not in {"deny", "allow"}:
             raise ConfigurationError("on_limiter_error must be 'deny' or 'allow'")
-        if not realm or not all(c.isalnum() or c in " -_.:" for c in realm) or len(realm) > 64:
-            raise ConfigurationError("realm must be 1-64 letters, digits, spaces or -_.:")
+        # isascii: str.isalnum() accepts "é" or "٣", which cannot go into a header and
+        # would turn every 401 into a UnicodeEncodeError (T10, T99).
+        if (
+            not realm
+            or not realm.isascii()
+            or not all(c.isalnum() or c in " -_.:" for c in realm)
+            or len(realm) > 64
+        ):
+            raise ConfigurationError("realm must be 1-64 ASCII letters, digits, spaces or -_.:")
         if isinstance(auth_failures, bool) or auth_failures < 0:
             raise ConfigurationError("auth_failures must be 0 or more")
         self.backends = Backends(keys, limiter)
@@ -174,6 +214,7 @@ class Guard:
         self.reveal_key_status = reveal_key_status
         self.expiry_warning = expiry_warning
         self.realm = realm
+        self.allow_preflight = bool(allow_preflight)
         self._deny = IPDenyList.from_cidrs(tuple(deny_ips)) if deny_ips else None
         self._failures = (
             MemoryRateStore(clock=self.clock, max_entries=100_000) if auth_failures else None
@@ -186,22 +227,39 @@ class Guard:
         self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
     ) -> Decision:
         """Decide on ``request`` with blocking I/O (WSGI, scripts)."""
-        return run_sync(self._flow(request, scope, cost), self.backends)
+        try:
+            return run_sync(self._flow(request, scope, cost), self.backends)
+        except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
+            return _internal_error(exc)
 
     async def acheck(
         self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
     ) -> Decision:
         """Decide on ``request`` without blocking the event loop (ASGI)."""
-        return await run_async(self._flow(request, scope, cost), self.backends)
+        try:
+            return await run_async(self._flow(request, scope, cost), self.backends)
+        except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
+            return _internal_error(exc)
 
     def release(self, lease: Lease) -> None:
-        """Give a concurrency slot back; harmless to call twice."""
+        """Give a concurrency slot back; harmless to call twice.
+
+        A limit store that fails here is logged, not raised: the response has been
+        served, and the slot comes back when its lease expires.
+        """
         if self.backends.limiter is not None:
-            self.backends.limiter.release(lease.bucket, lease.lease_id)
+            try:
+                self.backends.limiter.release(lease.bucket, lease.lease_id)
+            except StorageError:
+                _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
 
     async def arelease(self, lease: Lease) -> None:
+        """The async :meth:`release`."""
         if self.backends.limiter is not None:
-            await self.backends.limiter.arelease(lease.bucket, lease.lease_id)
+            try:
+                await self.backends.limiter.arelease(lease.bucket, lease.lease_id)
+            except StorageError:
+                _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
 
     # the flow, written once
 
@@ -218,8 +276,11 @@ class Guard:
         ip = None if client is None else client.ip
         if self._deny is not None and self._deny.blocks(ip):
             return deny("ip_not_allowed")
-        if self._blocked(ip):
-            return deny("too_many_failed_attempts", retry_after=60.0)
+        if self.allow_preflight and _is_preflight(request):
+            return _PUBLIC
+        blocked_for = self._blocked_for(ip)
+        if blocked_for is not None:
+            return deny("too_many_failed_attempts", retry_after=blocked_for)
         try:
             credential = extract_credential(request, self.credentials)
         except MalformedCredential:
@@ -338,15 +399,37 @@ class Guard:
             return ((b"x-api-key-expires", (isoformat(record.expires_at) or "").encode()),)
         return ()
 
-    def _blocked(self, ip: IPAddress | None) -> bool:
+    def _blocked_for(self, ip: IPAddress | None) -> float | None:
+        """Seconds until ``ip`` may try again, or ``None`` when it is not blocked.
+
+        The wait is read from the failure window (until its oldest failures leave),
+        not a flat 60 s: failures counted in a one-second slot leave up to a second
+        later than 60 s after they happened, and Retry-After must not be early (T72).
+        """
         if self._failures is None or ip is None:
-            return False
+            return None
         states = self._failures.peek(f"ip:{ip}", self._failure_policy)
-        return any(s.remaining <= 0 for s in states)
+        waits = [s.reset_after for s in states if s.remaining <= 0]
+        return max(waits) if waits else None
 
     def _failed(self, ip: IPAddress | None) -> None:
         if self._failures is not None and ip is not None:
             self._failures.hit(HitRequest(f"ip:{ip}", self._failure_policy))
+
+
+def _is_preflight(request: RequestInfo) -> bool:
+    """A CORS preflight: ``OPTIONS`` with ``Access-Control-Request-Method``."""
+    return request.method == "OPTIONS" and any(
+        name == b"access-control-request-method" for name, _ in request.headers
+    )
+
+
+def _internal_error(exc: Exception) -> Denial:
+    """The 500 for an unexpected exception; logs its type and place, never its text."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    _logger.error("keyguard failed to decide on a request: %s at %s", type(exc).__name__, where)
+    return deny("internal_error")
 
 
 def _allowed(cidrs: tuple[str, ...], ip: IPAddress | None) -> bool:

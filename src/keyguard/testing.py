@@ -87,7 +87,5 @@ def memory_guard(
         routes = RouteMap((), public=public)
     if plans is not None:
         options["plans"] = plans
-    guard = Guard(
-        keys=store, limiter=MemoryRateStore(**kwargs), routes=routes, **kwargs, **options
-    )
+    guard = Guard(keys=store, limiter=MemoryRateStore(**kwargs), routes=routes, **kwargs, **options)
     return guard, KeyManager(store, **kwargs)

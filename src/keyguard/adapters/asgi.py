@@ -128,15 +128,17 @@ class KeyGuardMiddleware:
             child["query_string"] = query
         identity = allow.identity
         extra = [*allow.headers, *self._vary] if identity is not None else []
+        # A key from the URL makes the response private (RFC 6750 §2.3) even when no
+        # other header is added (vary=False, no limits): checked on its own.
         private = identity is not None and identity.auth_method == "query"
-        if not extra and allow.lease is None:
+        if not extra and not private and allow.lease is None:
             await self.app(child, receive, send)
             return
         release = _Releaser(self.guard, allow.lease)
 
         async def send_with_headers(message: Message) -> None:
             kind = message["type"]
-            if kind == "http.response.start" and extra:
+            if kind == "http.response.start" and (extra or private):
                 headers = [*message.get("headers", ()), *extra]
                 if private and not any(k.lower() == b"cache-control" for k, _ in headers):
                     headers.append((b"cache-control", b"private"))  # RFC 6750 §2.3

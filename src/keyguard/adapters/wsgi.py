@@ -31,6 +31,12 @@ def _latin1(value: str) -> bytes:
     return value.encode("latin-1", "replace")
 
 
+def _header_name(key: str) -> bytes:
+    # A server may upper-case a non-ASCII byte into a character whose lower case is
+    # outside latin-1 (b"\xb5" -> U+039C -> U+03BC); such a name is replaced, not a crash.
+    return key[5:].lower().replace("_", "-").encode("latin-1", "replace")
+
+
 def request_from_environ(environ: Environ) -> RequestInfo:
     """The framework-free view of a WSGI environ.
 
@@ -41,7 +47,7 @@ def request_from_environ(environ: Environ) -> RequestInfo:
     headers: list[tuple[bytes, bytes]] = []
     for key, value in environ.items():
         if key.startswith("HTTP_"):
-            headers.append((key[5:].lower().replace("_", "-").encode("latin-1"), _latin1(value)))
+            headers.append((_header_name(key), _latin1(value)))
         elif key in _RESERVED and value:
             headers.append((_RESERVED[key], _latin1(value)))
     path = environ.get("PATH_INFO", "/") or "/"
@@ -76,6 +82,7 @@ _REASONS = {
     401: "Unauthorized",
     403: "Forbidden",
     429: "Too Many Requests",
+    500: "Internal Server Error",  # the guard's internal_error denial
     503: "Service Unavailable",
 }
 
@@ -143,7 +150,9 @@ class KeyGuardWSGIMiddleware:
 
         lease = allow.lease
         if lease is None:
-            return self.app(environ, start if extra else start_response)
+            # ``start`` also adds Cache-Control: private for a key from the URL, which
+            # is needed even when there is no other header to add (RFC 6750 §2.3).
+            return self.app(environ, start if extra or private else start_response)
         release = _release_once(self.guard, lease)
         try:
             body = self.app(environ, start)
@@ -169,6 +178,6 @@ def _hide(environ: Environ, request: RequestInfo, guard: Guard) -> None:
     headers, query = strip_credentials(request, guard.credentials)
     kept = {name for name, _ in headers}
     for key in [k for k in environ if k.startswith("HTTP_")]:
-        if key[5:].lower().replace("_", "-").encode("latin-1") not in kept:
+        if _header_name(key) not in kept:
             del environ[key]
     environ["QUERY_STRING"] = query.decode("latin-1")
