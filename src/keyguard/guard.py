@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import traceback
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, Literal, TypeAlias
 
 from .backends.memory_limiter import MemoryRateStore
@@ -26,7 +28,7 @@ from .codec import isoformat
 from .credentials import Credential, CredentialConfig, MalformedCredential, extract_credential
 from .denials import Denial, deny
 from .errors import ConfigurationError, InvalidCredential, StorageError
-from .flows import Op, call, run_async, run_sync
+from .flows import Op, run_async, run_sync
 from .iprules import IPAddress, IPAllowList, IPDenyList
 from .keys import KeyFormat, KeyHasher
 from .lifecycle import check_secret
@@ -215,6 +217,11 @@ class Guard:
         self.expiry_warning = expiry_warning
         self.realm = realm
         self.allow_preflight = bool(allow_preflight)
+        # Stores that live in this process never wait on I/O: the async face can call
+        # their sync methods directly, with no coroutine, task or shield per request.
+        self.inline = _in_process(keys) and (limiter is None or _in_process(limiter))
+        self._lease_prefix = secrets.token_hex(6)
+        self._lease_ids = itertools.count()
         self._deny = IPDenyList.from_cidrs(tuple(deny_ips)) if deny_ips else None
         self._failures = (
             MemoryRateStore(clock=self.clock, max_entries=100_000) if auth_failures else None
@@ -236,6 +243,8 @@ class Guard:
         self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
     ) -> Decision:
         """Decide on ``request`` without blocking the event loop (ASGI)."""
+        if self.inline:
+            return self.check(request, scope=scope, cost=cost)
         try:
             return await run_async(self._flow(request, scope, cost), self.backends)
         except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
@@ -255,7 +264,9 @@ class Guard:
 
     async def arelease(self, lease: Lease) -> None:
         """The async :meth:`release`."""
-        if self.backends.limiter is not None:
+        if self.inline:
+            self.release(lease)
+        elif self.backends.limiter is not None:
             try:
                 await self.backends.limiter.arelease(lease.bucket, lease.lease_id)
             except StorageError:
@@ -311,7 +322,7 @@ class Guard:
             return deny("invalid_api_key")
         digest = self.hasher.digest(parsed.secret)
         try:
-            record = yield from call(_FindKey(digest))
+            record = yield _FindKey(digest)
         except StorageError:
             return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
         try:
@@ -339,9 +350,13 @@ class Guard:
         states: tuple[LimitState, ...] = ()
         lease = None
         if limiter is not None and not policy.is_empty():
-            lease_id = secrets.token_hex(8) if policy.concurrency is not None else None
+            lease_id = (
+                f"{self._lease_prefix}{next(self._lease_ids):x}"
+                if policy.concurrency is not None
+                else None
+            )
             try:
-                admission = yield from call(_Hit(HitRequest(record.id, policy, units, lease_id)))
+                admission = yield _Hit(HitRequest(record.id, policy, units, lease_id))
             except StorageError:
                 if self.on_limiter_error == "deny":
                     return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
@@ -383,7 +398,7 @@ class Guard:
             scopes=record.scopes,
             plan=record.plan,
             limits=states,
-            client_ip=None if ip is None else str(ip),
+            client_ip=None if ip is None else _ip_text(ip),
             auth_method=credential.method,
             service=service,
         )
@@ -408,13 +423,16 @@ class Guard:
         """
         if self._failures is None or ip is None:
             return None
-        states = self._failures.peek(f"ip:{ip}", self._failure_policy)
+        bucket = "ip:" + _ip_text(ip)
+        if bucket not in self._failures:  # the common case: this address never failed
+            return None
+        states = self._failures.peek(bucket, self._failure_policy)
         waits = [s.reset_after for s in states if s.remaining <= 0]
         return max(waits) if waits else None
 
     def _failed(self, ip: IPAddress | None) -> None:
         if self._failures is not None and ip is not None:
-            self._failures.hit(HitRequest(f"ip:{ip}", self._failure_policy))
+            self._failures.hit(HitRequest("ip:" + _ip_text(ip), self._failure_policy))
 
 
 def _is_preflight(request: RequestInfo) -> bool:
@@ -434,7 +452,23 @@ def _internal_error(exc: Exception) -> Denial:
 
 def _allowed(cidrs: tuple[str, ...], ip: IPAddress | None) -> bool:
     """Whether a key's allow-list admits ``ip``; a damaged stored list admits nobody."""
+    allow_list = _allow_list(cidrs)
+    return allow_list is not None and allow_list.allows(ip)
+
+
+@lru_cache(maxsize=4096)
+def _allow_list(cidrs: tuple[str, ...]) -> IPAllowList | None:
     try:
-        return IPAllowList.from_cidrs(cidrs).allows(ip)
+        return IPAllowList.from_cidrs(cidrs)
     except ConfigurationError:
-        return False
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _ip_text(ip: IPAddress) -> str:
+    return str(ip)
+
+
+def _in_process(store: object) -> bool:
+    """Whether a store declares ``in_process = True``: its methods never block."""
+    return getattr(store, "in_process", False) is True

@@ -79,6 +79,9 @@ class _Releaser:
         lease, self._lease = self._lease, None
         if lease is None:
             return
+        if self._guard.inline:  # nothing to await, so nothing a cancellation can cut short
+            self._guard.release(lease)
+            return
         task = asyncio.ensure_future(self._guard.arelease(lease))
         try:
             await asyncio.shield(task)

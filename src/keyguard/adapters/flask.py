@@ -28,7 +28,7 @@ from ..denials import Denial, deny, render
 from ..errors import ConfigurationError
 from ..guard import Allow, Guard, Identity
 from ..scopes import RouteRule, scope_allows
-from .wsgi import request_from_environ
+from .wsgi import guarded_headers, request_from_environ
 
 __all__ = ["KeyGuardFlask", "current_identity"]
 
@@ -50,6 +50,7 @@ class _Settings:
     guard: Guard
     vary: tuple[tuple[str, str], ...]
     scopes: Mapping[Callable[..., Any], str]
+    wanted: Mapping[str, bytes]  # the environ keys of the headers the guard reads
 
     def refusal(self, denial: Denial) -> Response:
         return _refusal(denial, self.guard.realm, self.vary)
@@ -113,7 +114,9 @@ class KeyGuardFlask:
             raise ConfigurationError("KEYGUARD['vary'] must be True or False")
         header = guard.credentials.header_name
         vary = (("Vary", f"Authorization, {header}"),) if wants_vary else ()
-        app.extensions["keyguard"] = settings = _Settings(guard, vary, self._scopes)
+        app.extensions["keyguard"] = settings = _Settings(
+            guard, vary, self._scopes, guarded_headers(guard)
+        )
         app.before_request(functools.partial(_before, settings))
         app.after_request(functools.partial(_after, settings))
         app.teardown_request(_teardown)
@@ -142,7 +145,7 @@ class KeyGuardFlask:
 
 def _before(settings: _Settings) -> Response | None:
     view = current_app.view_functions.get(request.endpoint or "")
-    info = request_from_environ(request.environ)
+    info = request_from_environ(request.environ, settings.wanted)
     if request.url_rule is not None:
         info = replace(info, route_id=request.url_rule.rule)
     decision = settings.guard.check(info, scope=settings.scopes.get(view) if view else None)

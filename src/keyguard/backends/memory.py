@@ -10,7 +10,7 @@ import bisect
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigurationError, StorageError
 from ..records import AuditEvent, KeyPage, KeyQuery, KeyRecord
@@ -24,6 +24,8 @@ class MemoryKeyStore:
 
     :param audit_size: how many audit events to keep (oldest dropped first).
     """
+
+    in_process: ClassVar[bool] = True  # never blocks: async callers may call the sync face
 
     def __init__(self, *, audit_size: int = 10_000) -> None:
         self._lock = threading.Lock()

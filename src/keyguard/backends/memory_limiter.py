@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from .._state import to_ms
 from ..clock import Clock, SystemClock
@@ -72,6 +72,8 @@ class MemoryRateStore:
     .. versionadded:: 0.1
     """
 
+    in_process: ClassVar[bool] = True  # never blocks: async callers may call the sync face
+
     def __init__(
         self,
         *,
@@ -102,6 +104,14 @@ class MemoryRateStore:
     def __len__(self) -> int:
         """How many buckets are held now (live, or idle and not yet dropped)."""
         return len(self._entries)
+
+    def __contains__(self, bucket: object) -> bool:
+        """Whether ``bucket`` holds any state: a lock-free hint, exact only under the lock.
+
+        Lets a caller skip :meth:`peek` for buckets that were never hit, such as the
+        client addresses that never failed to authenticate.
+        """
+        return bucket in self._entries
 
     # sync face
 
