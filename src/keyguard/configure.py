@@ -3,6 +3,8 @@ configuration into objects, so the server, the CLI and users' apps agree."""
 
 from __future__ import annotations
 
+import logging
+import os
 from urllib.parse import urlsplit
 
 from .backends.protocols import KeyBackend
@@ -49,11 +51,13 @@ def build_guard(
     public_paths = (*public, *settings.public_paths)
     routes = RouteMap(rules, public=public_paths) if rules or public_paths else None
     limiter_options = {} if clock is None else {"clock": clock}
+    if limiter is None:
+        url = limiter_url_for(settings)
+        limiter = open_rate_store(url, **limiter_options)
+        _warn_if_per_worker(url)
     return Guard(
         keys=keys if keys is not None else open_key_store(settings.storage_url),
-        limiter=limiter
-        if limiter is not None
-        else open_rate_store(limiter_url_for(settings), **limiter_options),
+        limiter=limiter,
         credentials=CredentialConfig(
             methods=settings.credential_methods,
             header_name=settings.api_key_header,
@@ -71,3 +75,18 @@ def build_guard(
         auth_failures=settings.auth_failures,
         deny_ips=settings.deny_ips,
     )
+
+
+def _warn_if_per_worker(url: str) -> None:
+    """Say so at start-up when in-memory limits will be multiplied by worker processes.
+
+    ``WEB_CONCURRENCY`` is the worker count uvicorn, gunicorn and most platforms set.
+    """
+    workers = os.environ.get("WEB_CONCURRENCY", "1").strip()
+    if urlsplit(url).scheme == "memory" and workers.isdigit() and int(workers) > 1:
+        logging.getLogger("keyguard").warning(
+            "keyguard counts limits in memory, per worker process: with %s workers a key "
+            "gets up to %s times its limits; use sqlite:// or redis:// to share them",
+            workers,
+            workers,
+        )
