@@ -156,7 +156,11 @@ def _wait_for_cluster(cli: str, port: int, deadline: float = 20.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         out = subprocess.run(
-            [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=5
+            [cli, "-p", str(port), "cluster", "info"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout
         if "cluster_state:ok" in out:
             return
