@@ -31,7 +31,8 @@ class MemoryKeyStore:
         self._lock = threading.Lock()
         self._records: dict[str, KeyRecord] = {}
         self._ids: list[str] = []  # sorted, for cursor pagination
-        self._by_digest: dict[str, str] = {}
+        # digest -> record itself (not its id): one hash lookup per request, not two.
+        self._by_digest: dict[str, KeyRecord] = {}
         self._audit: deque[AuditEvent] = deque(maxlen=audit_size)
 
     @classmethod
@@ -50,13 +51,13 @@ class MemoryKeyStore:
         return self._records.get(key_id)
 
     def find(self, digest: str) -> KeyRecord | None:
-        key_id = self._by_digest.get(digest)
-        return None if key_id is None else self._records.get(key_id)
+        return self._by_digest.get(digest)
 
     def save(self, record: KeyRecord, event: AuditEvent) -> None:
         with self._lock:
             for d in record.digests:
-                if self._by_digest.get(d.digest, record.id) != record.id:
+                holder = self._by_digest.get(d.digest)
+                if holder is not None and holder.id != record.id:
                     raise StorageError("a digest already belongs to another key")
             old = self._records.get(record.id)
             if old is None:
@@ -66,7 +67,7 @@ class MemoryKeyStore:
                     self._by_digest.pop(d.digest, None)
             self._records[record.id] = record
             for d in record.digests:
-                self._by_digest[d.digest] = record.id
+                self._by_digest[d.digest] = record
             self._audit.append(event)
 
     def delete(self, key_id: str, event: AuditEvent) -> bool:
