@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from keyguard.adapters.asgi import KeyGuardMiddleware, current_identity
 from keyguard.configure import build_guard
 from keyguard.manager import KeyManager
+from keyguard.oauth import OAuthASGI, TokenEndpoint, TokenIssuer
 from keyguard.scopes import RouteRule
 from keyguard.settings import KeyGuardSettings, load_settings
 
@@ -29,6 +30,8 @@ RULES = (
 )
 PUBLIC = ("/healthz", "/docs", "/openapi.json", "/docs/*")
 DEMO_SCOPES = ("text:generate", "keys:self")
+OAUTH_ISSUER = "urn:keyguard:reference"
+OAUTH_AUDIENCE = "urn:keyguard:reference:api"
 
 
 class GenerateRequest(BaseModel):
@@ -57,7 +60,10 @@ def _first_run(manager: KeyManager, port: int | None) -> None:
 def create_app(settings: KeyGuardSettings | None = None, *, port: int | None = None) -> FastAPI:
     """The server, configured by ``settings`` (default: ``load_settings()``)."""
     settings = settings or load_settings()
-    guard = build_guard(settings, rules=RULES, public=PUBLIC)
+    # Tokens from POST /oauth/token are accepted wherever a key is. With several
+    # workers, give TokenIssuer a shared signing_key, or each signs with its own.
+    issuer = TokenIssuer(issuer=OAUTH_ISSUER, audience=OAUTH_AUDIENCE)
+    guard = build_guard(settings, rules=RULES, public=PUBLIC, tokens=issuer.validator())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +75,8 @@ def create_app(settings: KeyGuardSettings | None = None, *, port: int | None = N
 
     app = FastAPI(title="keyguard reference server", lifespan=lifespan)
     app.add_middleware(KeyGuardMiddleware, guard=guard)
+    # Outermost: the token endpoint and its JWKS answer before the guard looks.
+    app.add_middleware(OAuthASGI, endpoint=TokenEndpoint.from_guard(guard, issuer))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -33,11 +33,15 @@ def require_redis_binaries() -> tuple[str, str]:
     return server, cli
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(below: int = 65536) -> int:
+    """A free loopback port under ``below`` (a Cluster node also needs port + 10000)."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port < below:
+            return port
+    raise RuntimeError("no free port found")
 
 
 def _wait_for(port: int, deadline: float = 10.0) -> None:
@@ -136,6 +140,7 @@ def start_cluster(tmp: Path) -> RedisCluster:
         node = RedisServer(
             server_bin,
             workdir,
+            port=free_port(below=55536),  # the cluster bus listens on port + 10000
             extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
         )
         node.start()
@@ -148,7 +153,8 @@ def start_cluster(tmp: Path) -> RedisCluster:
         stderr=subprocess.DEVNULL,
         timeout=30,
     )
-    _wait_for_cluster(cli, nodes[0].port)
+    for node in nodes:  # every node must agree, not only the first one asked
+        _wait_for_cluster(cli, node.port)
     return RedisCluster(nodes)
 
 

@@ -13,6 +13,7 @@ from .clock import Clock
 from .credentials import CredentialConfig
 from .guard import Guard
 from .limiting import RateBackend
+from .oauth.claims import TokenValidator
 from .proxies import TrustedProxies
 from .scopes import RouteMap, RouteRule
 from .settings import KeyGuardSettings
@@ -40,12 +41,13 @@ def build_guard(
     rules: tuple[RouteRule, ...] = (),
     public: tuple[str, ...] = (),
     clock: Clock | None = None,
+    tokens: TokenValidator | None = None,
 ) -> Guard:
     """A guard configured by ``settings``; stores are opened unless given.
 
     ``rules`` map routes to the scopes they need; ``public`` and
-    ``settings.public_paths`` are served without a key. The caller owns the stores
-    and closes them on shutdown.
+    ``settings.public_paths`` are served without a key; ``tokens`` validates OAuth
+    access tokens in the bearer slot. The caller owns the stores and closes them.
     """
     proxies = TrustedProxies(hops=settings.trusted_proxy_hops, networks=settings.trusted_proxies)
     public_paths = (*public, *settings.public_paths)
@@ -74,6 +76,7 @@ def build_guard(
         expiry_warning=settings.expiry_warning,
         auth_failures=settings.auth_failures,
         deny_ips=settings.deny_ips,
+        tokens=tokens,
     )
 
 

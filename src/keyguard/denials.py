@@ -46,6 +46,14 @@ TABLE: Final[dict[str, Entry]] = {
     "api_key_revoked": Entry(
         401, "authentication_error", "The API key has been revoked.", "invalid_token"
     ),
+    # An OAuth access token (keyguard.oauth) that is malformed, forged, expired, for
+    # another audience or issuer, or whose key was revoked: one answer for all.
+    "invalid_token": Entry(
+        401,
+        "authentication_error",
+        "The access token is invalid or expired.",
+        "invalid_token",
+    ),
     "invalid_request": Entry(
         400,
         "invalid_request_error",
@@ -74,6 +82,11 @@ TABLE: Final[dict[str, Entry]] = {
     ),
     "key_store_unavailable": Entry(
         503, "service_unavailable", "Authentication is temporarily unavailable."
+    ),
+    # No token signing keys could ever be loaded (or introspection is down): 503, not
+    # 401, so clients keep their good tokens (SECURITY.md summary item 3, T36, T47).
+    "token_validation_unavailable": Entry(
+        503, "service_unavailable", "Token validation is temporarily unavailable."
     ),
     # A bug or an unexpected failure inside keyguard (SECURITY.md a.10): a generic body,
     # nothing internal, and never the exception's message, which may hold request data.

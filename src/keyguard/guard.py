@@ -16,7 +16,7 @@ import logging
 import secrets
 import traceback
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Literal, TypeAlias
@@ -33,6 +33,7 @@ from .iprules import IPAddress, IPAllowList, IPDenyList
 from .keys import KeyFormat, KeyHasher
 from .lifecycle import check_secret
 from .limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState, RateBackend, Window
+from .oauth.claims import InvalidToken, TokenClaims, TokenUnavailable, TokenValidator, scope_covers
 from .plans import DEFAULT_PLANS, Plan, ServiceLimits, resolve_policy
 from .proxies import TrustedProxies
 from .ratelimit_headers import limit_headers
@@ -100,6 +101,17 @@ class _FindKey(Op[Backends, Backends, KeyRecord | None]):
 
 
 @dataclass(frozen=True, slots=True)
+class _GetKey(Op[Backends, Backends, KeyRecord | None]):
+    key_id: str
+
+    def run(self, ctx: Backends) -> KeyRecord | None:
+        return ctx.keys.get(self.key_id)
+
+    async def arun(self, ctx: Backends) -> KeyRecord | None:
+        return await ctx.keys.aget(self.key_id)
+
+
+@dataclass(frozen=True, slots=True)
 class _Hit(Op[Backends, Backends, Admission]):
     request: HitRequest
 
@@ -160,6 +172,15 @@ class Guard:
         needs a key like any other request; browsers never send one, so turn this on
         when the app (or its CORS middleware) answers preflights itself. The
         deployment-wide deny list still applies.
+    :param tokens: a validator of OAuth access tokens (see :mod:`keyguard.oauth`):
+        a bearer value that does not parse as a keyguard key goes to it instead of
+        the key store. A token for an outside client becomes the principal
+        ``oauth:<client_id>`` on ``token_plan``, with the token's scopes; a token
+        keyguard issued for a key (``bind_keys``) becomes that key, with its record's
+        plan, limits, IP allow-list and status, and the token's scopes within the
+        key's. Credentials up to the validator's ``max_token_bytes`` are then read
+        (keys are still refused above 255 characters by the key parser).
+    :param token_plan: the plan of outside OAuth clients (default ``"free"``).
 
     An unexpected exception while deciding (a bug, a misbehaving custom store or
     hasher) becomes a generic ``500 internal_error``; the log records the exception's
@@ -189,6 +210,8 @@ class Guard:
         deny_ips: Sequence[str] = (),
         realm: str = "api",
         allow_preflight: bool = False,
+        tokens: TokenValidator | None = None,
+        token_plan: str = "free",  # noqa: S107 - a plan name, not a password
     ) -> None:
         if on_limiter_error not in {"deny", "allow"}:
             raise ConfigurationError("on_limiter_error must be 'deny' or 'allow'")
@@ -205,6 +228,10 @@ class Guard:
             raise ConfigurationError("auth_failures must be 0 or more")
         self.backends = Backends(keys, limiter)
         self.credentials = credentials or CredentialConfig()
+        self.tokens = tokens
+        self.token_plan = token_plan
+        if tokens is not None:
+            self.credentials = self._token_ready(tokens, token_plan, plans)
         self.proxies = proxies or TrustedProxies()
         self.routes = routes
         self.plans = dict(plans)
@@ -219,7 +246,11 @@ class Guard:
         self.allow_preflight = bool(allow_preflight)
         # Stores that live in this process never wait on I/O: the async face can call
         # their sync methods directly, with no coroutine, task or shield per request.
-        self.inline = _in_process(keys) and (limiter is None or _in_process(limiter))
+        self.inline = (
+            _in_process(keys)
+            and (limiter is None or _in_process(limiter))
+            and (tokens is None or tokens.in_process)
+        )
         self._lease_prefix = secrets.token_hex(6)
         self._lease_ids = itertools.count()
         self._deny = IPDenyList.from_cidrs(tuple(deny_ips)) if deny_ips else None
@@ -302,7 +333,10 @@ class Guard:
             return deny("invalid_api_key")
         if credential is None:
             return deny("missing_api_key")
-        record_or_denial = yield from self._authenticate(credential, ip)
+        # A bearer value that is not a keyguard key is an access token when tokens are on.
+        token = self.tokens is not None and self._token_shaped(credential)
+        authenticate = self._authenticate_token if token else self._authenticate
+        record_or_denial = yield from authenticate(credential, ip)
         if isinstance(record_or_denial, Denial):
             return record_or_denial
         record = record_or_denial
@@ -310,7 +344,8 @@ class Guard:
             return deny("ip_not_allowed")
         if needed is not None and not scope_allows(record.scopes, needed):
             return deny("insufficient_permissions", scope=needed, detail=f"needs {needed}")
-        return (yield from self._admit(record, credential, needed, cost, ip))
+        method = "oauth" if token else credential.method
+        return (yield from self._admit(record, method, needed, cost, ip))
 
     def _authenticate(
         self, credential: Credential, ip: IPAddress | None
@@ -334,10 +369,75 @@ class Guard:
                 return deny(f"api_key_{exc.reason}")
             return deny("invalid_api_key")
 
+    # the token path
+
+    def _token_ready(
+        self, tokens: TokenValidator, plan: str, plans: Mapping[str, Plan]
+    ) -> CredentialConfig:
+        """Check the token options; the credential settings that let tokens through."""
+        if not isinstance(tokens, TokenValidator):
+            raise ConfigurationError("tokens must be a token validator (keyguard.oauth)")
+        if "bearer" not in self.credentials.methods:
+            raise ConfigurationError("tokens arrive as bearer credentials: enable 'bearer'")
+        if plan not in plans:
+            raise ConfigurationError(f"token_plan {plan!r} is not one of the plans")
+        length = max(self.credentials.max_length, tokens.max_token_bytes)
+        return replace(self.credentials, max_length=length)
+
+    def _token_shaped(self, credential: Credential) -> bool:
+        """A bearer value that does not parse as a keyguard key."""
+        if credential.method != "bearer":
+            return False
+        try:
+            self.key_format.parse(credential.value)
+        except InvalidCredential:
+            return True
+        return False
+
+    def _authenticate_token(
+        self, credential: Credential, ip: IPAddress | None
+    ) -> Generator[Op[Backends, Backends, Any], Any, KeyRecord | Denial]:
+        """A validated token as the record the rest of the flow applies (see ``tokens``)."""
+        if self.tokens is None:  # pragma: no cover - the flow calls this only with tokens
+            return deny("invalid_token")
+        try:
+            claims = yield from self.tokens.flow(credential.value.reveal(), self.clock.now())
+        except TokenUnavailable as exc:
+            return deny("token_validation_unavailable", retry_after=exc.retry_after)
+        except InvalidToken as exc:
+            if exc.forged:
+                self._failed(ip)
+            return deny("invalid_token")
+        if claims.key_id is None:
+            return self._client_record(claims)
+        try:
+            record = yield _GetKey(claims.key_id)
+        except StorageError:
+            return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
+        if record is None or record.status(utcnow(self.clock)) is not KeyStatus.ACTIVE:
+            return deny("invalid_token")  # a revoked, expired or deleted key stops its tokens
+        scopes = tuple(s for s in claims.scopes if scope_covers(record.scopes, s))
+        bound: KeyRecord = replace(record, scopes=scopes)
+        return bound
+
+    def _client_record(self, claims: TokenClaims) -> KeyRecord:
+        """An outside OAuth client, as a record: its own bucket, the token plan."""
+        now = utcnow(self.clock)
+        return KeyRecord(
+            id="oauth:" + claims.client_id,
+            name=claims.client_id,
+            hint="",
+            digests=(),
+            created_at=now,
+            updated_at=now,
+            scopes=claims.scopes,
+            plan=self.token_plan,
+        )
+
     def _admit(
         self,
         record: KeyRecord,
-        credential: Credential,
+        method: str,
         needed: str | None,
         cost: int | None,
         ip: IPAddress | None,
@@ -360,13 +460,13 @@ class Guard:
             except StorageError:
                 if self.on_limiter_error == "deny":
                     return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
-                return Allow(self._identity(record, credential, (), needed, ip), extra, None, units)
+                return Allow(self._identity(record, method, (), needed, ip), extra, None, units)
             if not admission.allowed:
                 return self._refusal(admission, extra)
             states = admission.states
             lease = None if lease_id is None else Lease(record.id, lease_id)
         headers = tuple(limit_headers(states)) + extra
-        return Allow(self._identity(record, credential, states, needed, ip), headers, lease, units)
+        return Allow(self._identity(record, method, states, needed, ip), headers, lease, units)
 
     # small pure helpers
 
@@ -386,7 +486,7 @@ class Guard:
     def _identity(
         self,
         record: KeyRecord,
-        credential: Credential,
+        method: str,
         states: tuple[LimitState, ...],
         service: str | None,
         ip: IPAddress | None,
@@ -399,7 +499,7 @@ class Guard:
             plan=record.plan,
             limits=states,
             client_ip=None if ip is None else _ip_text(ip),
-            auth_method=credential.method,
+            auth_method=method,
             service=service,
         )
 

@@ -57,6 +57,24 @@ def test_guarded_and_public_routes(
         assert key not in who.text
 
 
+def test_client_credentials_token_works_on_v1_routes(
+    settings: KeyGuardSettings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """POST /oauth/token trades the demo key for a token that /v1 routes accept."""
+    with TestClient(create_app(settings)) as client:
+        key = KEY.findall(capsys.readouterr().err)[0]
+        key_id = client.get("/v1/whoami", headers={"X-API-Key": key}).json()["id"]
+        form = {"grant_type": "client_credentials", "client_id": key_id, "client_secret": key}
+        issued = client.post("/oauth/token", data=form)
+        assert issued.status_code == 200
+        token = issued.json()["access_token"]
+        assert key not in issued.text
+        who = client.get("/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+        assert who.status_code == 200
+        assert who.json()["id"] == key_id
+        assert client.get("/.well-known/jwks.json").json()["keys"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
