@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,10 @@ from keyguard.records import (
     LimitOverrides,
     SecretDigest,
 )
+from keyguard.testing import FakeClock
+from tests.redis_support import own_redis, redis_cluster, redis_server
+
+__all__ = ["own_redis", "redis_cluster", "redis_server"]  # fixtures for every backend test
 
 T0 = datetime(2027, 1, 1, tzinfo=UTC)
 
@@ -59,10 +64,35 @@ def open_backend(kind: str, tmp_path: Path) -> KeyBackend:
     return SQLiteKeyStore(tmp_path / "keys.db")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def open_redis_backend(url: str) -> KeyBackend:
+    """A Redis store under a prefix of its own, so tests sharing a server never meet.
+
+    Its clock stands still at T0: the records here carry fixed dates (2027), and the
+    store derives the TTL of a rotated-out digest from them, which must not depend on
+    the day the suite runs.
+    """
+    from keyguard.backends.redis import RedisKeyStore  # only Redis rows need redis-py
+
+    prefix = f"kgtest-{uuid.uuid4().hex[:12]}"
+    return RedisKeyStore.from_url(url, prefix=prefix, clock=FakeClock(T0))
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyBackend]:
     """A fresh, empty store of each backend, closed after the test."""
-    store = open_backend(request.param, tmp_path)
+    if request.param == "redis":
+        store = open_redis_backend(request.getfixturevalue("redis_server").url)
+    elif request.param == "redis-cluster":
+        store = open_redis_backend(request.getfixturevalue("redis_cluster").url)
+    else:
+        store = open_backend(request.param, tmp_path)
     yield store
     store.close()
 

@@ -1,12 +1,16 @@
 """One contract for every rate store, through its sync face and through its async face.
 
 The ``limits``-storage adapter keeps windows on the storage's own (real) clock, so tests
-that move a FakeClock to slide a window run on memory and SQLite only.
+that move a FakeClock to slide a window run on memory, SQLite and Redis only. Redis runs
+on a throwaway server and a three-master Cluster (``tests/redis_support.py``); its store
+is given the FakeClock, whose time the script then takes instead of the server's TIME
+(production never passes a clock), and a fresh key prefix per test instead of a flush.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +24,7 @@ from limits.storage import MemoryStorage
 
 from keyguard.backends.limits_storage import LimitsRateStore
 from keyguard.backends.memory_limiter import MemoryRateStore
+from keyguard.backends.redis_limiter import RedisRateStore
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
 from keyguard.errors import ConfigurationError, StorageError
 from keyguard.limiting import (
@@ -35,10 +40,21 @@ from keyguard.limiting import (
     Window,
 )
 from keyguard.testing import FakeClock
+from tests.backends.test_redis_limiter import redis_cluster  # noqa: F401 - ports kept valid
+from tests.redis_support import RedisCluster, RedisServer, redis_server  # noqa: F401
 
 T = TypeVar("T")
 START = datetime(2027, 1, 15, 12, tzinfo=UTC)
 LEASE_TTL = 30.0
+_PREFIXES = itertools.count()
+# Generous for a loaded test machine: 200 simultaneous hits queue for a connection. A
+# Cluster's pools do not queue, so they get room for all of them.
+REDIS_TEST_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 10,
+    "socket_connect_timeout": 10,
+    "pool_timeout": 30,
+    "max_connections": 16,
+}
 
 
 class Backend(RateStore, AsyncRateStore, Protocol):
@@ -121,15 +137,39 @@ class Rig:
             pytest.skip("limits storages slide windows on their own clock")
 
 
-def open_store(kind: str, clock: FakeClock, tmp_path: Path) -> Backend:
+def open_store(
+    kind: str, clock: FakeClock, tmp_path: Path, request: pytest.FixtureRequest
+) -> Backend:
     if kind == "memory":
         return MemoryRateStore(clock=clock, lease_ttl=LEASE_TTL)
     if kind == "sqlite":
         return SQLiteRateStore(tmp_path / "rl.db", clock=clock, lease_ttl=LEASE_TTL)
+    if kind == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return RedisRateStore.from_url(
+            server.url, clock=clock, lease_ttl=LEASE_TTL, prefix=f"c{next(_PREFIXES)}",
+            **REDIS_TEST_OPTIONS,
+        )  # fmt: skip
+    if kind == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        options = {**REDIS_TEST_OPTIONS, "max_connections": 256}
+        del options["pool_timeout"]
+        return RedisRateStore.from_url(
+            cluster.url, clock=clock, lease_ttl=LEASE_TTL, prefix=f"c{next(_PREFIXES)}",
+            **options,
+        )  # fmt: skip
     return LimitsRateStore.from_url("memory://", clock=clock, lease_ttl=LEASE_TTL)
 
 
-@pytest.fixture(params=["memory", "sqlite", "limits"])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "limits",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def limiter_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -138,7 +178,7 @@ def limiter_kind(request: pytest.FixtureRequest) -> str:
 def rig(request: pytest.FixtureRequest, limiter_kind: str, tmp_path: Path) -> Iterator[Rig]:
     """A fresh store of each backend on a FakeClock, through one of its faces."""
     clock = FakeClock(START)
-    store = open_store(limiter_kind, clock, tmp_path)
+    store = open_store(limiter_kind, clock, tmp_path, request)
     assert isinstance(store, RateStore)
     assert isinstance(store, AsyncRateStore)
     if request.param == "sync":

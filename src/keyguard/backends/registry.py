@@ -63,8 +63,16 @@ def _lazy(module: str, name: str, extra: str | None = None, driver: str | None =
 
 register_key_store("memory", _lazy(".memory", "MemoryKeyStore"))
 register_key_store("sqlite", _lazy(".sqlite", "SQLiteKeyStore"))
+register_key_store("redis", _lazy(".redis", "RedisKeyStore", "redis", "redis"))
+register_key_store("rediss", _lazy(".redis", "RedisKeyStore", "redis", "redis"))
+register_key_store("redis+sentinel", _lazy(".redis", "RedisKeyStore", "redis", "redis"))
+register_key_store("redis+cluster", _lazy(".redis", "RedisKeyStore", "redis", "redis"))
 register_rate_store("memory", _lazy(".memory_limiter", "MemoryRateStore"))
 register_rate_store("sqlite", _lazy(".sqlite_limiter", "SQLiteRateStore"))
+register_rate_store("redis", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
+register_rate_store("rediss", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
+register_rate_store("redis+sentinel", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
+register_rate_store("redis+cluster", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
 _LIMITS_FALLBACK = _lazy(".limits_storage", "LimitsRateStore")
 
 

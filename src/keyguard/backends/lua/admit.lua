@@ -1,0 +1,365 @@
+-- keyguard admission: every window, quota and the concurrency slot of one bucket,
+-- checked and charged all or nothing, in one atomic step (keyguard/windows.py is the
+-- reference; this is the same arithmetic).
+--
+-- KEYS[1] windows hash  {<prefix>:<bucket>}:win    field "<seconds>:<scope>" -> msgpack
+--         {width_ms, k0, n_k0, n_k0+1, ...}: slot k holds the requests of
+--         ((k-1)*width, k*width] (ms); field "x" -> the ms by which all of it expires
+-- KEYS[2] quotas hash   {<prefix>:<bucket>}:quota  field "<day|month>:<scope>" ->
+--         "<YYYY-MM-DD|YYYY-MM>:<used>"; field "x" as above
+-- KEYS[3] leases zset   {<prefix>:<bucket>}:lease  lease id -> expiry (ms)
+-- One hash tag per bucket, so the script runs on Redis Cluster.
+--
+-- ARGV: mode ("hit" charges, "peek" only reads), t_ms and wall_us (both "" -> server
+-- TIME; a test clock passes its own), cost, "=" .. lease ("" none), lease_ms, cap ("" none),
+-- ttl_pad_ms, then the policy: nc, nc x (field, span_ms, width_ms); nw, nw x (counter,
+-- limit); nq, nq x (field, "day"|"month"); nl, nl x (quota, limit).
+--
+-- Returns {allowed, retry_ms (-1: waiting cannot help), denied (1-based limit, 0 none),
+-- then per limit in order: remaining, reset_ms [, period_s for a quota]}.
+
+local mode = ARGV[1]
+local t, wall_us
+if ARGV[2] == "" then
+  local now = redis.call("TIME")
+  local sec, usec = tonumber(now[1]), tonumber(now[2])
+  t = sec * 1000 + math.floor((usec + 500) / 1000)
+  wall_us = sec * 1000000 + usec
+else
+  t, wall_us = tonumber(ARGV[2]), tonumber(ARGV[3])
+end
+local charging = mode == "hit"
+local cost = charging and tonumber(ARGV[4]) or 0
+local lease = charging and ARGV[5] ~= "" and ARGV[5]:sub(2) or nil -- "=<id>", so "" is an id
+local lease_ms, cap, pad = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local QUOTA_MARGIN_MS = 3600000 -- a quota counter outlives its period by an hour
+local floor = math.floor
+
+local function floor_div(a, b)
+  local q = floor(a / b)
+  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
+  return q
+end
+
+local function ceil_div(a, b)
+  return -floor_div(-a, b)
+end
+
+-- UTC calendar (proleptic Gregorian; H. Hinnant's days_from_civil / civil_from_days)
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floor_div(y, 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  return era * 146097 + yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy - 719468
+end
+
+local function civil_from_days(z)
+  z = z + 719468
+  local era = floor_div(z, 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  return yoe + era * 400 + (m <= 2 and 1 or 0), m, d
+end
+
+-- A period: id, start and end (epoch seconds).
+local function period_of(kind, y, m, d)
+  if kind == "day" then
+    local start = days_from_civil(y, m, d) * 86400
+    return string.format("%04d-%02d-%02d", y, m, d), start, start + 86400
+  end
+  local ny, nm = y, m + 1
+  if nm > 12 then ny, nm = y + 1, 1 end
+  return string.format("%04d-%02d", y, m),
+    days_from_civil(y, m, 1) * 86400, days_from_civil(ny, nm, 1) * 86400
+end
+
+local function period_at(kind, seconds)
+  local y, m, d = civil_from_days(floor_div(seconds, 86400))
+  return period_of(kind, y, m, d)
+end
+
+local function period_named(kind, id)
+  return period_of(kind, tonumber(id:sub(1, 4)), tonumber(id:sub(6, 7)), tonumber(id:sub(9, 10)) or 1)
+end
+
+-- the policy
+local i = 9
+local nc = tonumber(ARGV[i]); i = i + 1
+local cfield, cspan, cwidth = {}, {}, {}
+for c = 1, nc do
+  cfield[c], cspan[c], cwidth[c] = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+end
+local nw = tonumber(ARGV[i]); i = i + 1
+local wcounter, wlimit = {}, {}
+for w = 1, nw do
+  wcounter[w], wlimit[w] = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+end
+local nq = tonumber(ARGV[i]); i = i + 1
+local qfield, qkind = {}, {}
+for q = 1, nq do
+  qfield[q], qkind[q] = ARGV[i], ARGV[i + 1]
+  i = i + 2
+end
+local nl = tonumber(ARGV[i]); i = i + 1
+local lquota, llimit = {}, {}
+for l = 1, nl do
+  lquota[l], llimit[l] = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+end
+
+-- read everything first: a WRONGTYPE key fails here, before anything is written
+local wx, qx = nil, nil
+local k0, counts, total = {}, {}, {}
+if nc > 0 then
+  local raw = redis.call("HMGET", KEYS[1], "x", unpack(cfield))
+  wx = tonumber(raw[1])
+  for c = 1, nc do
+    k0[c], counts[c], total[c] = 0, {}, 0
+    if raw[c + 1] then
+      local packed = cmsgpack.unpack(raw[c + 1])
+      cwidth[c], k0[c] = packed[1], packed[2]
+      for j = 3, #packed do counts[c][j - 2] = packed[j] end
+    end
+  end
+end
+
+-- Drop slots that left the window; fold slots from the future (a clock stepped back)
+-- into the current one; strip empty slots at both ends. What changed is kept even by
+-- a refusal (at most once a slot), so a step back locks out for one window at most.
+local changed = {}
+for c = 1, nc do
+  local n, width, span = counts[c], cwidth[c], cspan[c]
+  if #n > 0 then
+    local first = k0[c]
+    local gone = floor_div(t - span, width) - first + 1 -- slots with k * width <= t - span
+    local now = ceil_div(t, width)
+    local kept, future = {}, 0
+    for j = 1, #n do
+      local k = first + j - 1
+      if j > gone then
+        if k > now then future = future + n[j] else kept[#kept + 1] = n[j] end
+      end
+    end
+    local start = first + math.max(gone, 0)
+    if future > 0 then
+      if #kept == 0 then start = now end
+      while start + #kept - 1 < now do kept[#kept + 1] = 0 end
+      kept[#kept] = kept[#kept] + future
+    end
+    local lo, hi = 1, #kept
+    while lo <= hi and kept[lo] == 0 do lo = lo + 1 end
+    while hi >= lo and kept[hi] == 0 do hi = hi - 1 end
+    local live, sum = {}, 0
+    for j = lo, hi do live[#live + 1] = kept[j]; sum = sum + kept[j] end
+    k0[c], counts[c], total[c] = start + lo - 1, live, sum
+    changed[c] = gone > 0 or future > 0
+  end
+end
+
+local qpid, qused, qstart, qend, qstale = {}, {}, {}, {}, {}
+if nq > 0 then
+  local raw = redis.call("HMGET", KEYS[2], "x", unpack(qfield))
+  qx = tonumber(raw[1])
+  local seconds = floor_div(wall_us, 1000000)
+  for q = 1, nq do
+    local pid, start, stop = period_at(qkind[q], seconds)
+    local used = 0
+    local stored = raw[q + 1]
+    if stored then
+      local spid, sused = string.match(stored, "^(.+):(%d+)$")
+      if spid and spid >= pid then -- the current period, or a later one (clock stepped back)
+        used = tonumber(sused)
+        if spid ~= pid then pid, start, stop = period_named(qkind[q], spid) end
+      else
+        qstale[q] = true -- a past period: dropped by any hit
+      end
+    end
+    qpid[q], qused[q], qstart[q], qend[q] = pid, used, start, stop
+  end
+end
+
+local held, present, soonest = 0, false, nil
+if cap then
+  local live = "(" .. t
+  held = redis.call("ZCOUNT", KEYS[3], live, "+inf")
+  if held > 0 then
+    soonest = tonumber(redis.call("ZRANGEBYSCORE", KEYS[3], live, "+inf", "WITHSCORES", "LIMIT", 0, 1)[2])
+  end
+  if lease then
+    local score = redis.call("ZSCORE", KEYS[3], lease)
+    present = score ~= false and tonumber(score) > t
+  end
+end
+
+local function packed(c) -- a counter as stored
+  local out = { cwidth[c], k0[c] }
+  for j = 1, #counts[c] do out[j + 2] = counts[c][j] end
+  return cmsgpack.pack(out)
+end
+
+local function forget_stale_quotas()
+  for q = 1, nq do
+    if qstale[q] then redis.call("HDEL", KEYS[2], qfield[q]) end
+  end
+end
+
+local function quota_reset(q) -- ms until the quota's period ends
+  return floor((qend[q] * 1000000 - wall_us) / 1000 + 0.5)
+end
+
+-- the states with this hit charged, or nil if a limit refuses it
+local function if_charged()
+  local out = {}
+  for w = 1, nw do
+    local c, limit = wcounter[w], wlimit[w]
+    local used, stop
+    if #counts[c] == 0 then
+      if limit < 1 then return nil end
+      used, stop = 0, ceil_div(t, cwidth[c]) * cwidth[c] + cspan[c]
+    else
+      used = total[c]
+      if used >= limit then return nil end
+      stop = k0[c] * cwidth[c] + cspan[c]
+    end
+    out[#out + 1] = limit - used - 1
+    out[#out + 1] = stop - t
+  end
+  for l = 1, nl do
+    local q, limit = lquota[l], llimit[l]
+    if qused[q] + cost > limit then return nil end
+    out[#out + 1] = limit - qused[q] - cost
+    out[#out + 1] = quota_reset(q)
+    out[#out + 1] = qend[q] - qstart[q]
+  end
+  if cap then
+    local taken = held + (present and 0 or 1)
+    if taken > cap then return nil end
+    out[#out + 1] = cap - taken
+    out[#out + 1] = (taken >= cap and held > 0) and math.min(1000, soonest - t) or 0
+  end
+  return out
+end
+
+-- each limit's state with nothing charged, whether it admits, and its wait (nil: never)
+local function verdicts()
+  local out, worst, worst_wait = {}, 0, -2
+  local function refuse(index, wait) -- the longest wait wins; "never" beats every wait
+    local w = wait == nil and math.huge or wait
+    if w > worst_wait then worst, worst_wait = index, w end
+  end
+  local index = 0
+  for w = 1, nw do
+    index = index + 1
+    local c, limit = wcounter[w], wlimit[w]
+    local n, used = counts[c], total[c]
+    local reset = #n == 0 and 0 or k0[c] * cwidth[c] + cspan[c] - t
+    if used >= limit then
+      local wait = nil
+      if limit >= 1 and #n > 0 then
+        local excess, shed = used + 1 - limit, 0
+        wait = 0
+        for j = 1, #n do
+          shed = shed + n[j]
+          if shed >= excess then wait = (k0[c] + j - 1) * cwidth[c] + cspan[c] - t; break end
+        end
+      end
+      refuse(index, wait)
+    end
+    out[#out + 1] = math.max(0, limit - used)
+    out[#out + 1] = reset
+  end
+  for l = 1, nl do
+    index = index + 1
+    local q, limit = lquota[l], llimit[l]
+    local reset = math.max(0, quota_reset(q))
+    if qused[q] + cost > limit then
+      if cost > limit then refuse(index, nil) else refuse(index, reset) end
+    end
+    out[#out + 1] = math.max(0, limit - qused[q])
+    out[#out + 1] = reset
+    out[#out + 1] = qend[q] - qstart[q]
+  end
+  if cap then
+    index = index + 1
+    local wait = (held >= cap and held > 0) and math.min(1000, soonest - t) or 0
+    if held + (present and 0 or 1) > cap then
+      if cap >= 1 then refuse(index, wait) else refuse(index, nil) end
+    end
+    out[#out + 1] = math.max(0, cap - held)
+    out[#out + 1] = wait
+  end
+  return out, worst, worst_wait
+end
+
+-- Writes come last, and an admission's first write is one Redis refuses at maxmemory
+-- (HSET, ZADD): once a script has written, Redis lets its later writes past OOM, so
+-- under OOM an admission fails whole, never half-charged. A refusal only keeps what
+-- expiry changed (as keyguard.windows does), mostly by deleting.
+if charging then
+  local states = if_charged()
+  if states then
+    -- charge: windows count requests, quotas units, the lease takes a slot
+    if nc > 0 then
+      local fields, x = {}, wx or 0
+      for c = 1, nc do
+        local width, n = cwidth[c], counts[c]
+        local k = ceil_div(t, width)
+        if #n == 0 then
+          k0[c], n[1] = k, 1
+        else
+          local hi = k0[c] + #n - 1
+          while hi < k do n[#n + 1] = 0; hi = hi + 1 end
+          n[#n] = n[#n] + 1
+        end
+        fields[#fields + 1] = cfield[c]
+        fields[#fields + 1] = packed(c)
+        x = math.max(x, k * width + cspan[c])
+      end
+      redis.call("HSET", KEYS[1], "x", x, unpack(fields))
+      redis.call("PEXPIRE", KEYS[1], math.max(1, x - t) + pad)
+    end
+    if nq > 0 and cost > 0 then
+      local fields, x = {}, qx or 0
+      local wall_ms = floor(wall_us / 1000)
+      for q = 1, nq do
+        fields[#fields + 1] = qfield[q]
+        fields[#fields + 1] = qpid[q] .. ":" .. (qused[q] + cost)
+        x = math.max(x, qend[q] * 1000 + QUOTA_MARGIN_MS)
+      end
+      redis.call("HSET", KEYS[2], "x", x, unpack(fields))
+      redis.call("PEXPIRE", KEYS[2], math.max(1, x - wall_ms) + pad)
+    end
+    if cap and lease then
+      redis.call("ZADD", KEYS[3], t + lease_ms, lease)
+      redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", t)
+      local last = tonumber(redis.call("ZRANGE", KEYS[3], -1, -1, "WITHSCORES")[2])
+      redis.call("PEXPIRE", KEYS[3], math.max(1, last - t) + pad)
+    end
+    if cost == 0 then forget_stale_quotas() end
+    local reply = { 1, -1, 0 }
+    for j = 1, #states do reply[j + 3] = states[j] end
+    return reply
+  end
+  forget_stale_quotas()
+  if cap then redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", t) end
+  for c = 1, nc do
+    if changed[c] and #counts[c] > 0 then
+      redis.call("HSET", KEYS[1], cfield[c], packed(c))
+    elseif changed[c] then
+      redis.call("HDEL", KEYS[1], cfield[c])
+    end
+  end
+end
+
+local states, worst, worst_wait = verdicts()
+local reply = { charging and 0 or 1, worst_wait == math.huge and -1 or worst_wait, worst }
+for j = 1, #states do reply[j + 3] = states[j] end
+return reply

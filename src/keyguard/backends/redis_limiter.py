@@ -1,0 +1,392 @@
+"""Rate limits in Redis: exact across processes and machines, one round trip a hit.
+
+Every hit is one ``EVALSHA`` of ``lua/admit.lua``, which reads the server's ``TIME``
+(never this process's clock, so hosts whose clocks disagree still agree on windows,
+T74), checks every window, quota and the concurrency slot with the arithmetic of
+:mod:`keyguard.windows`, and charges all of them or none. A bucket lives in three keys
+that share one hash tag, so the script runs on Redis Cluster too::
+
+    {kg:<bucket>}:win    hash: a field per window (its slots, msgpack), "x" = expiry
+    {kg:<bucket>}:quota  hash: a field per quota ("<period id>:<used>"), "x" = expiry
+    {kg:<bucket>}:lease  zset: lease id -> expiry (ms)
+
+One hash per kind, not a key per window, so :meth:`RedisRateStore.reset` knows every
+key of a bucket without knowing its policy, each key is declared in ``KEYS`` (a quota's
+period id comes from the server's time, which the client does not know) and a hit
+reads each hash with one ``HMGET``. Every key written gets a TTL, so idle buckets
+expire on their own; a refusal writes only what expiry changed, as the other backends.
+
+Failures: every redis-py error becomes :class:`~keyguard.errors.StorageError` (the
+message names the action, never the bucket), and nothing is retried -- a retry after a
+timed-out reply could charge twice -- except ``NOSCRIPT`` (the script did not run),
+answered by one ``EVAL`` that also caches the script again. A circuit breaker makes a
+dead server cost nothing per request: after ``failure_threshold`` consecutive
+connection failures or timeouts it fails fast for ``recovery_time`` seconds, then lets
+one probe through. An ``ahit`` cancelled mid-command leaves no reply in the pool:
+redis-py (>= 4.5.5) disconnects a connection whose read or write was interrupted
+(CVE-2023-28858), which the tests check.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from importlib.resources import files
+from typing import Any, Final, TypeVar
+
+import redis
+import redis.asyncio.cluster
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
+
+from ..clock import Clock
+from ..errors import ConfigurationError, StorageError, shown
+from ..limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState
+from ..windows import DEFAULT_LEASE_TTL, DEFAULT_SLOTS, Tuning
+from ._redis_client import AsyncClient, CircuitBreaker, SyncClient, redis_clients
+
+__all__ = ["ADMIT_SCRIPT", "RedisRateStore"]
+
+ADMIT_SCRIPT: Final = files(__package__).joinpath("lua", "admit.lua").read_text("utf-8")
+_SHA: Final = hashlib.sha1(ADMIT_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+_WINDOW, _QUOTA, _SLOTS = LimitKind.WINDOW, LimitKind.QUOTA, LimitKind.CONCURRENCY
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # no braces: the prefix sits in a hash tag
+_MAX_PLANS = 4096
+# A test clock is not the server's, so keys written on its time live this much longer
+# in real time (a slow test must not see them expire under it).
+_TEST_TTL_PAD_MS = 600_000
+_ALLOWED = Admission(True, ())
+_FAILED = (redis.RedisError, RedisClusterException)
+_new = tuple.__new__  # builds a named tuple at half the cost of calling its class
+T = TypeVar("T")
+
+
+class _Plan:
+    """A policy as the script's arguments, and how to read its reply back."""
+
+    __slots__ = ("args", "cap", "shown")
+
+    def __init__(self, policy: LimitPolicy, slots: int) -> None:
+        if any(w.seconds < 1 for w in policy.windows):
+            raise ValueError("a window must last at least one second")
+        counters = {f"{w.seconds}:{w.scope}": w.seconds for w in policy.windows}
+        index = {key: n for n, key in enumerate(counters, 1)}
+        quotas = list({f"{q.period.value}:{q.scope}": q.period.value for q in policy.quotas})
+        args: list[str | int] = [len(counters)]
+        for key, seconds in counters.items():
+            args += [key, seconds * 1000, max(1, seconds // slots) * 1000]
+        args.append(len(policy.windows))
+        for w in policy.windows:
+            args += [index[f"{w.seconds}:{w.scope}"], w.limit]
+        args.append(len(quotas))
+        for key in quotas:
+            args += [key, key.partition(":")[0]]
+        args.append(len(policy.quotas))
+        for q in policy.quotas:
+            args += [quotas.index(f"{q.period.value}:{q.scope}") + 1, q.limit]
+        self.args = tuple(args)
+        self.cap = policy.concurrency
+        self.shown = (
+            *((w.name, _WINDOW, w.limit, w.seconds) for w in policy.windows),
+            *((q.name, _QUOTA, q.limit, None) for q in policy.quotas),
+            *((("concurrency", _SLOTS, self.cap, None),) if self.cap is not None else ()),
+        )
+
+    def states(self, reply: Sequence[int]) -> tuple[LimitState, ...]:
+        """The limits' states from the script's reply (after its three leading values)."""
+        out, j = [], 3
+        for name, kind, limit, seconds in self.shown:
+            remaining, reset, length = reply[j], reply[j + 1] / 1000, seconds
+            if kind is _QUOTA:
+                length, j = reply[j + 2], j + 3
+            else:
+                j += 2
+            out.append(_new(LimitState, (name, kind, limit, remaining, reset, length)))
+        return tuple(out)
+
+
+class RedisRateStore:
+    """A :class:`~keyguard.limiting.RateStore` and ``AsyncRateStore`` in Redis.
+
+    :param client: a sync client (``redis.Redis`` or ``redis.cluster.RedisCluster``).
+    :param aclient: an async client on the same server, used from one event loop.
+        Build both with :meth:`from_url`, which sets short timeouts and no retries.
+    :param prefix: the first part of every key's hash tag (``{kg:<bucket>}``).
+    :param lease_ttl: seconds a concurrency slot is held if never released.
+    :param slots: slots per window (precision against memory).
+    :param failure_threshold: consecutive connection failures that open the breaker.
+    :param recovery_time: seconds the open breaker fails fast before one probe.
+    :param clock: **tests only**: windows and quotas follow this clock's wall time,
+        passed to the script, instead of the server's ``TIME``. Production leaves it
+        ``None``: app hosts' clocks disagree, the server's is one clock for all.
+
+    **Security note**: anyone who can write to the Redis database can reset or exhaust
+    any key's limits; give keyguard its own database or ACL user and key ``prefix``.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        client: SyncClient,
+        aclient: AsyncClient,
+        *,
+        prefix: str = "kg",
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        slots: int = DEFAULT_SLOTS,
+        failure_threshold: int = 5,
+        recovery_time: float = 0.5,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+            raise ConfigurationError(
+                f"prefix must match [A-Za-z0-9_.:-]{{1,64}}, not {shown(prefix)}"
+            )
+        threshold, cooldown = failure_threshold, recovery_time
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ConfigurationError(f"failure_threshold must be >= 1, not {shown(threshold)}")
+        if (
+            isinstance(cooldown, bool)
+            or not isinstance(cooldown, int | float)
+            or not (0 < cooldown <= 3600)
+        ):
+            raise ConfigurationError(
+                f"recovery_time must be seconds in (0, 3600], not {shown(cooldown)}"
+            )
+        self._client, self._aclient = client, aclient
+        # redis-py's async Cluster client misroutes (and then drops the connections of)
+        # commands issued concurrently before it has read the slot map: read it first.
+        self._unmapped = isinstance(aclient, redis.asyncio.cluster.RedisCluster)
+        self._tag = "{" + prefix + ":"
+        self._tuning = Tuning(slots, lease_ttl)
+        self._lease_ms = str(self._tuning.lease_ms)
+        self._clock = clock
+        self._pad = "0" if clock is None else str(_TEST_TTL_PAD_MS)
+        self._breaker = CircuitBreaker("rate store", threshold, float(cooldown))
+        self._plans: dict[int, tuple[LimitPolicy, _Plan]] = {}
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "kg",
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        slots: int = DEFAULT_SLOTS,
+        failure_threshold: int = 5,
+        recovery_time: float = 0.5,
+        clock: Clock | None = None,
+        **client_options: Any,
+    ) -> RedisRateStore:
+        """``redis://``, ``rediss://``, ``redis+sentinel://`` or ``redis+cluster://``.
+
+        ``client_options`` (``socket_timeout``, ``max_connections``, ...) go to
+        :func:`~keyguard.backends._redis_client.redis_clients`. Nothing connects yet,
+        except that a Cluster's sync client reads the slot map (``StorageError`` if no
+        node answers).
+        """
+        client, aclient = redis_clients(url, **client_options)
+        return cls(
+            client,
+            aclient,
+            prefix=prefix,
+            lease_ttl=lease_ttl,
+            slots=slots,
+            failure_threshold=failure_threshold,
+            recovery_time=recovery_time,
+            clock=clock,
+        )
+
+    def __repr__(self) -> str:
+        state = "open" if self._breaker.is_open else "closed"
+        return f"RedisRateStore(prefix={self._tag[1:-1]!r}, circuit={state})"
+
+    # the script's arguments
+
+    def _plan(self, policy: LimitPolicy) -> _Plan:
+        found = self._plans.get(id(policy))
+        if found is not None and found[0] is policy:
+            return found[1]
+        plan = _Plan(policy, self._tuning.slots)
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[id(policy)] = (policy, plan)
+        return plan
+
+    def _keys(self, bucket: str) -> tuple[str, str, str]:
+        tag = self._tag + bucket
+        return tag + "}:win", tag + "}:quota", tag + "}:lease"
+
+    def _call(
+        self, mode: str, bucket: str, plan: _Plan, cost: int = 0, lease: str | None = None
+    ) -> list[str | int]:
+        """``EVALSHA``'s operands after the sha: numkeys, keys, then the arguments."""
+        if self._clock is None:
+            t = wall = ""
+        else:
+            now = self._clock.now()
+            t, wall = str(round(now * 1000)), str(round(now * 1_000_000))
+        cap = "" if plan.cap is None else plan.cap
+        mark = "" if lease is None else "=" + lease
+        head: list[str | int] = [mode, t, wall, cost, mark, self._lease_ms, cap, self._pad]
+        return [3, *self._keys(bucket), *head, *plan.args]
+
+    def _hit_call(self, request: HitRequest) -> tuple[_Plan, list[str | int]]:
+        plan = self._plan(request.policy)
+        cost = request.cost
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+            raise ValueError("a hit's cost must be a whole number >= 0")
+        if plan.cap is not None and request.lease is None:
+            raise ValueError("a policy with a concurrency cap needs a lease id on each hit")
+        return plan, self._call("hit", request.bucket, plan, cost, request.lease)
+
+    @staticmethod
+    def _admission(plan: _Plan, reply: Sequence[int]) -> Admission:
+        states = plan.states(reply)
+        if reply[0] == 1:
+            return _new(Admission, (True, states, None, None))
+        retry = None if reply[1] < 0 else reply[1] / 1000
+        return Admission(False, states, states[reply[2] - 1], retry)
+
+    # one guarded round trip, for each face
+
+    def _run(self, action: str, call: Callable[[], T]) -> T:
+        if self._closed:
+            raise StorageError("the Redis rate store is closed")
+        breaker = self._breaker
+        breaker.enter()
+        reachable: bool | None = None
+        try:
+            result = call()
+            reachable = True
+            return result
+        except ResponseError as exc:
+            reachable = True
+            raise StorageError(f"the Redis rate store could not {action}") from exc
+        except _FAILED as exc:
+            reachable = False
+            raise StorageError(f"the Redis rate store could not {action}") from exc
+        finally:
+            breaker.leave(reachable)
+
+    async def _arun(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`_run` for the async face, which also honours a cancellation that
+        redis-py lost.
+
+        On Python 3.11, ``asyncio.wait_for`` (around redis-py's send) drops a
+        cancellation that lands as the send completes (fixed in 3.12), so the command
+        runs on until its reply or its timeout. The connection stays in step either
+        way; what is lost is the caller's ``CancelledError``, raised here instead.
+        """
+        task = asyncio.current_task()
+        cancels = 0 if task is None else task.cancelling()
+        try:
+            result = await self._aguarded(action, call)
+        except StorageError:
+            if task is not None and task.cancelling() > cancels:
+                raise asyncio.CancelledError from None
+            raise
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError
+        return result
+
+    async def _aguarded(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
+        if self._closed:
+            raise StorageError("the Redis rate store is closed")
+        breaker = self._breaker
+        breaker.enter()
+        reachable: bool | None = None  # stays None if cancelled: proves nothing
+        try:
+            if self._unmapped and isinstance(self._aclient, redis.asyncio.cluster.RedisCluster):
+                await self._aclient.initialize()  # concurrent first callers queue on its lock
+                self._unmapped = False
+            result = await call()
+            reachable = True
+            return result
+        except ResponseError as exc:
+            reachable = True
+            raise StorageError(f"the Redis rate store could not {action}") from exc
+        except _FAILED as exc:
+            reachable = False
+            raise StorageError(f"the Redis rate store could not {action}") from exc
+        finally:
+            breaker.leave(reachable)
+
+    def _eval(self, operands: list[str | int]) -> list[int]:
+        client = self._client
+        try:
+            reply: list[int] = client.evalsha(_SHA, *operands)  # type: ignore[arg-type]
+        except NoScriptError:  # the script did not run: EVAL runs it and caches it again
+            reply = client.eval(ADMIT_SCRIPT, *operands)  # type: ignore[arg-type]
+        return reply
+
+    async def _aeval(self, operands: list[str | int]) -> list[int]:
+        client = self._aclient
+        try:
+            reply: list[int] = await client.evalsha(_SHA, *operands)  # type: ignore[arg-type]
+        except NoScriptError:
+            reply = await client.eval(ADMIT_SCRIPT, *operands)  # type: ignore[arg-type]
+        return reply
+
+    # sync face
+
+    def hit(self, request: HitRequest) -> Admission:
+        if request.policy.is_empty():
+            return _ALLOWED
+        plan, operands = self._hit_call(request)
+        reply = self._run("count a hit", lambda: self._eval(operands))
+        return self._admission(plan, reply)
+
+    def release(self, bucket: str, lease: str) -> None:
+        key = self._keys(bucket)[2]
+        self._run("release a slot", lambda: self._client.zrem(key, lease))
+
+    def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
+        if policy.is_empty():
+            return ()
+        plan = self._plan(policy)
+        operands = self._call("peek", bucket, plan)
+        return plan.states(self._run("read a bucket", lambda: self._eval(operands)))
+
+    def reset(self, bucket: str) -> None:
+        keys = self._keys(bucket)
+        self._run("reset a bucket", lambda: self._client.delete(*keys))
+
+    def close(self) -> None:
+        """Close the sync client's connections; later calls raise :class:`StorageError`."""
+        self._closed = True
+        self._client.close()
+
+    # async face
+
+    async def ahit(self, request: HitRequest) -> Admission:
+        if request.policy.is_empty():
+            return _ALLOWED
+        plan, operands = self._hit_call(request)
+        reply = await self._arun("count a hit", lambda: self._aeval(operands))
+        return self._admission(plan, reply)
+
+    async def arelease(self, bucket: str, lease: str) -> None:
+        key = self._keys(bucket)[2]
+        await self._arun("release a slot", lambda: self._aclient.zrem(key, lease))
+
+    async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
+        if policy.is_empty():
+            return ()
+        plan = self._plan(policy)
+        operands = self._call("peek", bucket, plan)
+        return plan.states(await self._arun("read a bucket", lambda: self._aeval(operands)))
+
+    async def areset(self, bucket: str) -> None:
+        keys = self._keys(bucket)
+        await self._arun("reset a bucket", lambda: self._aclient.delete(*keys))
+
+    async def aclose(self) -> None:
+        """Close both clients' connections; later calls raise :class:`StorageError`."""
+        self._closed = True
+        await self._aclient.aclose()
+        self._client.close()
