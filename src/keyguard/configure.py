@@ -8,7 +8,7 @@ import os
 from urllib.parse import urlsplit
 
 from .backends.protocols import KeyBackend
-from .backends.registry import open_key_store, open_rate_store
+from .backends.registry import open_rate_store
 from .clock import Clock
 from .credentials import CredentialConfig
 from .guard import Guard
@@ -30,7 +30,8 @@ def limiter_url_for(settings: KeyGuardSettings) -> str:
     if settings.limiter_url is not None:
         return settings.limiter_url
     scheme = urlsplit(settings.storage_url).scheme
-    return settings.storage_url if scheme in {"sqlite", "redis", "rediss"} else "memory://"
+    shared = {"sqlite", "redis", "rediss", "redis+sentinel", "redis+cluster"}
+    return settings.storage_url if scheme in shared else "memory://"
 
 
 def build_guard(
@@ -52,13 +53,15 @@ def build_guard(
     proxies = TrustedProxies(hops=settings.trusted_proxy_hops, networks=settings.trusted_proxies)
     public_paths = (*public, *settings.public_paths)
     routes = RouteMap(rules, public=public_paths) if rules or public_paths else None
-    limiter_options = {} if clock is None else {"clock": clock}
     if limiter is None:
         url = limiter_url_for(settings)
+        limiter_options = settings.backend_options(url)
+        if clock is not None:
+            limiter_options["clock"] = clock
         limiter = open_rate_store(url, **limiter_options)
         _warn_if_per_worker(url)
     return Guard(
-        keys=keys if keys is not None else open_key_store(settings.storage_url),
+        keys=keys if keys is not None else settings.open_store(),
         limiter=limiter,
         credentials=CredentialConfig(
             methods=settings.credential_methods,

@@ -189,6 +189,14 @@ class KeyGuardSettings(BaseSettings):
     :param reveal_key_status: answer "expired"/"revoked" instead of the uniform "invalid".
     :param auth_failures: failed authentications per client IP per minute before 429.
     :param expiry_warning: add ``X-API-Key-Expires`` this long before a key expires.
+    :param redis_prefix: the namespace (and Cluster hash tag) of keyguard's Redis keys.
+    :param redis_timeout: seconds to wait for a Redis reply; a slower Redis counts as
+        down and ``on_limiter_error`` applies.
+    :param redis_connect_timeout: seconds to wait for a Redis connection.
+    :param redis_max_connections: connections per pool (per node on a Cluster).
+    :param key_cache_ttl: seconds a process may answer key lookups from its own cache
+        (Redis; changes reach every process at once through pub/sub, and within this
+        bound if pub/sub is lost).
 
     .. versionadded:: 0.1
     """
@@ -222,6 +230,11 @@ class KeyGuardSettings(BaseSettings):
     reveal_key_status: bool = False
     auth_failures: Annotated[int, Field(ge=0)] = 20
     expiry_warning: timedelta = timedelta(days=7)
+    redis_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "keyguard"
+    redis_timeout: Annotated[float, Field(gt=0, le=10)] = 0.1
+    redis_connect_timeout: Annotated[float, Field(gt=0, le=10)] = 0.1
+    redis_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64
+    key_cache_ttl: Annotated[float, Field(ge=0, le=300)] = 5.0
 
     @classmethod
     def settings_customise_sources(
@@ -373,7 +386,22 @@ class KeyGuardSettings(BaseSettings):
 
     def open_store(self) -> KeyBackend:
         """A key store for :attr:`storage_url`; the caller closes it."""
-        return open_key_store(self.storage_url)
+        options = self.backend_options(self.storage_url)
+        if options:
+            options["cache_ttl"] = self.key_cache_ttl
+        return open_key_store(self.storage_url, **options)
+
+    def backend_options(self, url: str) -> dict[str, Any]:
+        """The options these settings give a backend for ``url`` (Redis ones only)."""
+        if not url.startswith(("redis://", "rediss://", "redis+")):
+            return {}
+        return {
+            "prefix": self.redis_prefix,
+            "socket_timeout": self.redis_timeout,
+            "socket_connect_timeout": self.redis_connect_timeout,
+            "pool_timeout": self.redis_connect_timeout,
+            "max_connections": self.redis_max_connections,
+        }
 
     def manager(
         self,
