@@ -98,7 +98,7 @@ def test_two_servers_share_limits_and_revocations(
         assert keyguard_cli(["keys", "revoke", demo["id"], "--reason", "test"]) == 0
         capsys.readouterr()
         deadline = time.monotonic() + 1.0
-        refused = set()
+        refused: set[int] = set()
         while refused != {0, 1} and time.monotonic() < deadline:
             for n, port in enumerate(ports):
                 answer = client.get(f"http://127.0.0.1:{port}/v1/whoami", headers=headers)
