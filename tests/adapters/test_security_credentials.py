@@ -14,8 +14,6 @@ from keyguard.errors import ConfigurationError
 from keyguard.guard import Guard
 from keyguard.scopes import RouteRule
 from tests.adapters.security_support import (
-    BACKENDS,
-    FACES,
     Env,
     Front,
     Reply,
@@ -31,29 +29,12 @@ BARE_CHALLENGE = 'Bearer realm="api", ApiKey realm="api"'
 DESCRIPTION = re.compile(r'error_description="([\x20\x21\x23-\x5b\x5d-\x7e]*)"')
 
 
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = Env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
 @pytest.fixture
 def memory(tmp_path: Path) -> Iterator[Env]:
     """The memory backends only, for checks that end before any store is asked."""
     environment = Env("memory", tmp_path)
     yield environment
     environment.close()
-
-
-@pytest.fixture(params=FACES)
-def face(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def front(env: Env, face: str) -> Front:
-    return env.front(face)
 
 
 def missing(reply: Reply) -> bool:

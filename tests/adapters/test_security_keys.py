@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
@@ -20,8 +20,6 @@ from keyguard.plans import resolve_policy
 from keyguard.proxies import TrustedProxies
 from keyguard.scopes import RouteMap, RouteRule
 from tests.adapters.security_support import (
-    BACKENDS,
-    FACES,
     PLANS,
     Env,
     Front,
@@ -36,23 +34,6 @@ ORDERS = RouteMap(
     [RouteRule("GET", "/orders", "orders:read"), RouteRule("POST", "/orders", "orders:write")]
 )
 ATTACKER = "198.51.100.66"
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = Env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=FACES)
-def face(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def front(env: Env, face: str) -> Front:
-    return env.front(face)
 
 
 def same(reply: Reply) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:

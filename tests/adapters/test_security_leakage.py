@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from http_sfv.list import List as SfList
@@ -15,8 +13,6 @@ from keyguard.errors import StorageError
 from keyguard.keys import KeyHasher, Secret
 from keyguard.scopes import RouteMap, RouteRule
 from tests.adapters.security_support import (
-    BACKENDS,
-    FACES,
     Env,
     Front,
     Reply,
@@ -28,18 +24,6 @@ from tests.adapters.security_support import (
 WITH_QUERY = CredentialConfig(methods=("header", "bearer", "query"))
 ORDERS = RouteMap([RouteRule("POST", "/orders", "orders:write")])
 CLIENT_SIDE = ("httpx", "httpcore")  # the test client's own loggers, not the server's
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = Env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=FACES)
-def face(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def server_logs(caplog: pytest.LogCaptureFixture) -> str:

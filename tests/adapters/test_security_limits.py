@@ -26,8 +26,6 @@ from keyguard.ratelimit_headers import SF_INTEGER_MAX
 from keyguard.request import RequestInfo
 from keyguard.scopes import RouteMap, RouteRule
 from tests.adapters.security_support import (
-    BACKENDS,
-    FACES,
     PEER,
     Env,
     Issued,
@@ -41,18 +39,6 @@ from tests.adapters.security_support import (
 
 TCHAR = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 FIELD_VALUE = re.compile(rb"[\x20-\x7e\t]*")
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = Env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=FACES)
-def face(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def key_header(issued: Issued) -> list[tuple[bytes, bytes]]:

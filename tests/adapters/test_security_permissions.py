@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,6 @@ from keyguard.proxies import TrustedProxies
 from keyguard.records import AuditEvent, KeyRecord, SecretDigest
 from keyguard.scopes import RouteMap, RouteRule
 from tests.adapters.security_support import (
-    BACKENDS,
-    FACES,
     PLANS,
     Downstream,
     Env,
@@ -39,18 +37,6 @@ ORDERS = RouteMap(
 )
 PROXY = "10.0.0.5"
 BEHIND_PROXY = TrustedProxies(networks=["10.0.0.0/8"])
-
-
-@pytest.fixture(params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
-    environment = Env(request.param, tmp_path)
-    yield environment
-    environment.close()
-
-
-@pytest.fixture(params=FACES)
-def face(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def ip_refused(reply: Reply) -> bool:
