@@ -17,11 +17,9 @@ import asyncio
 import json
 import os
 import sqlite3
-import threading
 import uuid
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 from ..codec import audit_from_dict, audit_to_dict, record_from_storage, storage_dict
 from ..errors import ConfigurationError, StorageError
 from ..records import AuditEvent, KeyPage, KeyQuery, KeyRecord, KeyStatus
+from ._sqlite import Connections, storage_errors
 
 __all__ = ["SCHEMA_VERSION", "SQLiteKeyStore"]
 
@@ -92,13 +91,8 @@ def _micros(moment: datetime | None) -> int | None:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
-@contextmanager
-def _storage_errors(action: str) -> Iterator[None]:
-    """Turn driver errors into :class:`StorageError`; the message names only the action."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise StorageError(f"the SQLite key store could not {action}") from exc
+def _storage_errors(action: str) -> AbstractContextManager[None]:
+    return storage_errors("key store", action)
 
 
 def _stored(text: object, what: str) -> dict[str, Any]:
@@ -149,19 +143,6 @@ def _migrate(conn: sqlite3.Connection, where: str) -> None:
         raise
 
 
-class _Slot:
-    """One thread's connection; closing it when the thread ends keeps file handles bounded."""
-
-    __slots__ = ("__weakref__", "conn", "pid")
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.pid = os.getpid()
-
-    def __del__(self) -> None:
-        self.conn.close()
-
-
 _MMAP_BYTES = 256 * 1024 * 1024
 
 
@@ -185,18 +166,21 @@ class SQLiteKeyStore:
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: int = 5000) -> None:
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int) or busy_timeout < 0:
             raise ConfigurationError("busy_timeout must be a whole number of milliseconds >= 0")
-        self._timeout = busy_timeout / 1000
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
-        self._closed = False
+        # Lookups walk two B-trees; reading their pages through a memory map instead
+        # of read() calls keeps a lookup's cost nearly flat as the file outgrows
+        # SQLite's page cache (a no-op for :memory:).
+        self._db = Connections(
+            "key store",
+            timeout=busy_timeout / 1000,
+            pragmas=("PRAGMA foreign_keys = ON", f"PRAGMA mmap_size = {_MMAP_BYTES:d}"),
+        )
         self._anchor: sqlite3.Connection | None = None
         if os.fspath(path) == _MEMORY:
             self._where = _MEMORY
             # A named memdb database is shared by this store's connections (and only
             # theirs) and, unlike shared-cache mode, honours busy_timeout.
-            self._uri = f"file:/keyguard-{uuid.uuid4().hex}?vfs=memdb"
-            setup = self._connect(self._uri)
+            self._db.uri = f"file:/keyguard-{uuid.uuid4().hex}?vfs=memdb"
+            setup = self._db.connect(self._db.uri)
         else:
             # Absolute now, so a later chdir cannot point new threads at another file.
             file = Path(path).absolute()
@@ -207,11 +191,11 @@ class SQLiteKeyStore:
                 )
             # Threads open with mode=rw: a file removed under a running server becomes
             # an error, never a silently empty key database.
-            self._uri = file.as_uri() + "?mode=rw"
+            self._db.uri = file.as_uri() + "?mode=rw"
             # Created owner-only; SQLite gives the -wal and -shm files the same mode.
             with suppress(OSError):  # exists already, or unwritable: connect() reports it
                 os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            setup = self._connect(file.as_uri() + "?mode=rwc")
+            setup = self._db.connect(file.as_uri() + "?mode=rwc")
         try:
             with _storage_errors("open the database"):
                 self._prepare(setup)
@@ -241,24 +225,6 @@ class SQLiteKeyStore:
 
     # connections
 
-    def _connect(self, uri: str) -> sqlite3.Connection:
-        with _storage_errors("open the database"):
-            # check_same_thread=False only so that close() may close every thread's
-            # connection; each connection is still used by its own thread alone.
-            conn = sqlite3.connect(
-                uri, uri=True, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            try:
-                conn.execute("PRAGMA foreign_keys = ON")
-                # Lookups walk two B-trees; reading their pages through a memory map
-                # instead of read() calls keeps a lookup's cost nearly flat as the file
-                # grows past SQLite's page cache (a no-op for :memory:).
-                conn.execute(f"PRAGMA mmap_size = {_MMAP_BYTES:d}")
-            except BaseException:
-                conn.close()
-                raise
-        return conn
-
     def _prepare(self, conn: sqlite3.Connection) -> None:
         if self._where != _MEMORY:
             # Persistent in the file; synchronous stays FULL so a committed revocation
@@ -268,37 +234,10 @@ class SQLiteKeyStore:
                 raise ConfigurationError(f"the key database {self._where} cannot use WAL mode")
         _migrate(conn, self._where)
 
-    def _conn(self) -> sqlite3.Connection:
-        slot: _Slot | None = getattr(self._local, "slot", None)
-        # A connection must never be used across fork(): a child opens its own.
-        if slot is not None and slot.pid == os.getpid() and not self._closed:
-            return slot.conn
-        with self._lock:  # so that close() cannot miss a connection being opened
-            if self._closed:
-                raise StorageError("the SQLite key store is closed")
-            slot = _Slot(self._connect(self._uri))
-            self._slots.add(slot)
-        self._local.slot = slot
-        return slot.conn
-
-    @contextmanager
-    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: all of the body, or none of it."""
-        conn = self._conn()
-        with _storage_errors(action):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
     def _read(
         self, action: str, sql: str, params: Sequence[object] | dict[str, object]
     ) -> list[Any]:
-        conn = self._conn()
+        conn = self._db.get()
         with _storage_errors(action):
             return conn.execute(sql, params).fetchall()
 
@@ -324,7 +263,7 @@ class SQLiteKeyStore:
         )
         digests = [(d.digest, record.id) for d in record.digests]
         audit = self._audit_row(event)
-        with self._write("save a key") as conn:
+        with self._db.write("save a key") as conn:
             conn.execute(_UPSERT, row)
             conn.execute("DELETE FROM key_digests WHERE key_id = ?", (record.id,))
             conn.executemany("INSERT INTO key_digests (digest, key_id) VALUES (?, ?)", digests)
@@ -333,7 +272,7 @@ class SQLiteKeyStore:
     def delete(self, key_id: str, event: AuditEvent) -> bool:
         """Remove the record and its digests; ``False`` (and no audit event) if unknown."""
         audit = self._audit_row(event)
-        with self._write("delete a key") as conn:
+        with self._db.write("delete a key") as conn:
             # the foreign key's ON DELETE CASCADE removes the digests in the same step
             if conn.execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount == 0:
                 return False
@@ -382,15 +321,10 @@ class SQLiteKeyStore:
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise :class:`StorageError`."""
-        with self._lock:
-            self._closed = True
-            slots = list(self._slots)
-            self._slots = weakref.WeakSet()
-            anchor, self._anchor = self._anchor, None
-        with _storage_errors("close the database"):
-            for slot in slots:
-                slot.conn.close()
-            if anchor is not None:
+        self._db.close()
+        anchor, self._anchor = self._anchor, None
+        if anchor is not None:
+            with _storage_errors("close the database"):
                 anchor.close()
 
     @staticmethod

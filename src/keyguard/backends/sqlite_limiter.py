@@ -25,10 +25,8 @@ import itertools
 import json
 import os
 import sqlite3
-import threading
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from ..windows import (
     inspect,
     release,
 )
+from ._sqlite import Connections, storage_errors
 
 __all__ = ["SCHEMA_VERSION", "SQLiteRateStore", "dumps", "loads"]
 
@@ -124,13 +123,8 @@ def loads(text: str | bytes) -> Bucket:
     return bucket
 
 
-@contextmanager
-def _storage_errors(action: str) -> Iterator[None]:
-    """Driver errors become :class:`StorageError`; the message names only the action."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise StorageError(f"the SQLite rate store could not {action}") from exc
+def _storage_errors(action: str) -> AbstractContextManager[None]:
+    return storage_errors("rate store", action)
 
 
 def _version(conn: sqlite3.Connection) -> int:
@@ -166,19 +160,6 @@ def _migrate(conn: sqlite3.Connection, where: str) -> None:
         raise
 
 
-class _Slot:
-    """One thread's connection, closed when the thread (and so its local) goes away."""
-
-    __slots__ = ("__weakref__", "conn", "pid")
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.pid = os.getpid()
-
-    def __del__(self) -> None:
-        self.conn.close()
-
-
 class SQLiteRateStore:
     """A :class:`~keyguard.limiting.RateStore` and ``AsyncRateStore`` in a SQLite file.
 
@@ -208,18 +189,16 @@ class SQLiteRateStore:
             raise ConfigurationError("an in-memory SQLite rate store is per process; use memory://")
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._tuning = Tuning(slots, lease_ttl)
-        self._timeout = busy_timeout / 1000
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
-        self._closed = False
+        self._db = Connections(
+            "rate store", timeout=busy_timeout / 1000, pragmas=("PRAGMA synchronous = NORMAL",)
+        )
         self._writes = itertools.count(1)
         file = Path(path).absolute()  # so a later chdir cannot switch files
         self._where = repr(str(file))
         if not file.parent.is_dir():
             raise ConfigurationError(f"the directory of the rate database {self._where} is missing")
-        self._uri = file.as_uri() + "?mode=rw"  # a file deleted under us is an error
-        setup = self._connect(file.as_uri() + "?mode=rwc")
+        self._db.uri = file.as_uri() + "?mode=rw"  # a file deleted under us is an error
+        setup = self._db.connect(file.as_uri() + "?mode=rwc")
         try:
             with _storage_errors("open the database"):
                 if str(setup.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
@@ -241,46 +220,7 @@ class SQLiteRateStore:
     def __repr__(self) -> str:
         return f"SQLiteRateStore({self._where})"
 
-    # connections and transactions
-
-    def _connect(self, uri: str) -> sqlite3.Connection:
-        with _storage_errors("open the database"):
-            # check_same_thread=False only so close() can close every thread's connection.
-            conn = sqlite3.connect(
-                uri, uri=True, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            try:
-                conn.execute("PRAGMA synchronous = NORMAL")
-            except BaseException:
-                conn.close()
-                raise
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        slot: _Slot | None = getattr(self._local, "slot", None)
-        if slot is not None and slot.pid == os.getpid() and not self._closed:
-            return slot.conn  # never across fork(): a child opens its own
-        with self._lock:
-            if self._closed:
-                raise StorageError("the SQLite rate store is closed")
-            slot = _Slot(self._connect(self._uri))
-            self._slots.add(slot)
-        self._local.slot = slot
-        return slot.conn
-
-    @contextmanager
-    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: all of the body, or none of it."""
-        conn = self._conn()
-        with _storage_errors(action):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+    # time and rows
 
     def _now(self) -> Now:
         wall = self._clock.now()
@@ -309,7 +249,7 @@ class SQLiteRateStore:
     def hit(self, request: HitRequest) -> Admission:
         if request.policy.is_empty():
             return Admission(True, ())
-        with self._write("count a hit") as conn:
+        with self._db.write("count a hit") as conn:
             now = self._now()  # read under the lock, so hits are stored in time order
             state = self._load(conn, request.bucket)
             admission = decide(state, request, now, self._tuning)
@@ -320,29 +260,24 @@ class SQLiteRateStore:
         return admission
 
     def release(self, bucket: str, lease: str) -> None:
-        with self._write("release a slot") as conn:
+        with self._db.write("release a slot") as conn:
             state = self._load(conn, bucket)
             if release(state, lease):
                 self._save(conn, bucket, state, self._now())
 
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
-        conn = self._conn()
+        conn = self._db.get()
         with _storage_errors("read a bucket"):
             state = self._load(conn, bucket)
         return inspect(state, policy, self._now())
 
     def reset(self, bucket: str) -> None:
-        with self._write("reset a bucket") as conn:
+        with self._db.write("reset a bucket") as conn:
             conn.execute("DELETE FROM rl_buckets WHERE bucket = ?", (bucket,))
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise :class:`StorageError`."""
-        with self._lock:
-            self._closed = True
-            slots, self._slots = list(self._slots), weakref.WeakSet()
-        with _storage_errors("close the database"):
-            for slot in slots:
-                slot.conn.close()
+        self._db.close()
 
     # async face: each call runs in a worker thread, which has its own connection
 

@@ -1,0 +1,117 @@
+"""Per-thread SQLite connections and write transactions, shared by the SQLite stores.
+
+Each thread gets its own connection (SQLite connections are not to be shared across
+threads, and never across ``fork()``: a child opens its own). Writes run in
+``BEGIN IMMEDIATE`` transactions, because a deferred transaction that reads and then
+writes fails at once with SQLITE_BUSY and ignores ``busy_timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+
+from ..errors import StorageError
+
+__all__ = ["Connections", "storage_errors"]
+
+
+@contextmanager
+def storage_errors(store: str, action: str) -> Iterator[None]:
+    """Driver errors become :class:`StorageError`; the message names only the action."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"the SQLite {store} could not {action}") from exc
+
+
+class _Slot:
+    """One thread's connection, closed when the thread (and so its local) goes away."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        self.conn.close()
+
+
+class Connections:
+    """The connections of one store.
+
+    :param store: what the store is called in error messages ("key store").
+    :param timeout: seconds a write waits for another writer (``busy_timeout``).
+    :param pragmas: statements run on every new connection.
+    """
+
+    def __init__(self, store: str, *, timeout: float, pragmas: Sequence[str] = ()) -> None:
+        self.store = store
+        self.uri = ""  # set by the store once it knows its file
+        self._timeout = timeout
+        self._pragmas = tuple(pragmas)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
+        self._closed = False
+
+    def errors(self, action: str) -> AbstractContextManager[None]:
+        """:func:`storage_errors` for this store."""
+        return storage_errors(self.store, action)
+
+    def connect(self, uri: str) -> sqlite3.Connection:
+        """A new connection to ``uri`` with the store's pragmas."""
+        with storage_errors(self.store, "open the database"):
+            # check_same_thread=False only so close() may close every thread's
+            # connection; each is still used by its own thread alone.
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                for pragma in self._pragmas:
+                    conn.execute(pragma)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def get(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is not None and slot.pid == os.getpid() and not self._closed:
+            return slot.conn
+        with self._lock:  # so that close() cannot miss a connection being opened
+            if self._closed:
+                raise StorageError(f"the SQLite {self.store} is closed")
+            slot = _Slot(self.connect(self.uri))
+            self._slots.add(slot)
+        self._local.slot = slot
+        return slot.conn
+
+    @contextmanager
+    def write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: all of the body, or none of it."""
+        conn = self.get()
+        with storage_errors(self.store, action):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        """Close every thread's connection; later use raises :class:`StorageError`."""
+        with self._lock:
+            self._closed = True
+            slots, self._slots = list(self._slots), weakref.WeakSet()
+        with storage_errors(self.store, "close the database"):
+            for slot in slots:
+                slot.conn.close()
