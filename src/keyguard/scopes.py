@@ -219,7 +219,9 @@ class RouteMap:
         norm = normalise_path(path)
         if norm is None:
             return None
-        table = self._tables.get(method, self._fallback)
+        # Methods are case-sensitive on the wire, but servers such as werkzeug's pass
+        # "get" through and frameworks upper-case it to route: check as they route.
+        table = self._tables.get(method if method.isupper() else method.upper(), self._fallback)
         entry = table.best(norm)
         if entry is None:
             return self._default

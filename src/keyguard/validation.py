@@ -125,6 +125,10 @@ def validate_rate(value: object) -> str:
         ) from None
     if not items or any(item.amount < 1 for item in items):
         raise InvalidInput("limits", "every limit must allow at least one request")
+    periods = [item.multiples * item.GRANULARITY.seconds for item in items]
+    if len(set(periods)) != len(periods):
+        # Two windows of one length would share a counter and a header name.
+        raise InvalidInput("limits", "each window length may appear only once")
     return ";".join(
         f"{item.amount}/{item.GRANULARITY.name}"
         if item.multiples == 1

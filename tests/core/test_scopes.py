@@ -321,3 +321,12 @@ def test_t50_agrees_with_starlette_routing() -> None:
             assert ours.scope in {table[p] for p in matched}, path
         else:
             assert ours.pattern is None or ours.public, path
+
+
+@pytest.mark.parametrize("method", ["get", "Get", "GET"])
+def test_methods_match_whatever_their_case(method: str) -> None:
+    """A lower-case method meets the same rule a router serving it upper-cased would."""
+    routes = RouteMap([RouteRule("GET", "/admin", "admin:read")])
+    match = routes.match(method, "/admin")
+    assert match is not None
+    assert match.scope == "admin:read"

@@ -163,3 +163,12 @@ def test_error_messages_do_not_echo_huge_values() -> None:
     with pytest.raises(InvalidInput) as info:
         validate_scopes(["X" * 10_000 + "\n"])
     assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "value", ["100/minute;1000/minute", "10/second;20/second", "60/minute;1/60 seconds"]
+)
+def test_two_windows_of_one_length_are_refused(value: str) -> None:
+    """Windows of equal length would share a counter and a header name: refused up front."""
+    with pytest.raises(InvalidInput, match="limits"):
+        validate_rate(value)

@@ -20,7 +20,7 @@ from ..denials import Denial, render
 from ..guard import Allow, Guard, Identity, Lease
 from ..request import RequestInfo
 
-__all__ = ["KeyGuardMiddleware", "current_identity", "request_from_scope"]
+__all__ = ["KeyGuardMiddleware", "current_identity", "request_from_scope", "route_path"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -37,12 +37,26 @@ def request_from_scope(scope: Scope) -> RequestInfo:
     route = scope.get("route")
     return RequestInfo(
         method=scope["method"],
-        path=scope.get("path", "/"),
+        path=route_path(scope),
         headers=tuple(scope.get("headers", ())),
         query_string=scope.get("query_string", b""),
         peer=client[0] if client else None,
         route_id=getattr(route, "path", None),
     )
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app will route: ``path`` less ``root_path``, as Starlette reads it.
+
+    Servers disagree on whether ``path`` includes ``root_path`` (uvicorn prepends it);
+    routers strip it only when it is there. Checking rules against anything else
+    would let a request be checked as one path and routed as another.
+    """
+    path: str = scope.get("path", "/")
+    root: str = scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
 
 
 def current_identity(scope: Scope) -> Identity | None:

@@ -231,7 +231,7 @@ class FastAPIKeyGuardMiddleware(StarletteKeyGuardMiddleware):
         request = request_from_scope(scope)
         needed = None
         if declared is not None:
-            match = declared.match(request.method, _route_path(scope))
+            match = declared.match(request.method, request.path)
             if match is None:  # a path form the router and the check could read apart
                 denial = deny("invalid_request", detail="unsupported path")
                 await send_denial(denial, send, realm=self.guard.realm, extra=self._vary)
@@ -249,12 +249,3 @@ class FastAPIKeyGuardMiddleware(StarletteKeyGuardMiddleware):
         self._declared = RouteMap(rules) if rules else None
         self._scanned = True
         return self._declared
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the router matches: without the ``root_path`` a mount or proxy added."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
-        return path[len(root) :] or "/"
-    return path

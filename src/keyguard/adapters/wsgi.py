@@ -67,7 +67,7 @@ def request_from_environ(
                 headers.append((name, _latin1(value)))
     path = environ.get("PATH_INFO", "/") or "/"
     return RequestInfo(
-        method=environ.get("REQUEST_METHOD", "GET"),
+        method=environ.get("REQUEST_METHOD", "GET").upper(),
         path=path if path.isascii() else _latin1(path).decode("utf-8", "replace"),
         headers=tuple(headers),
         query_string=_latin1(environ.get("QUERY_STRING", "")),
@@ -209,4 +209,12 @@ def _hide(environ: Environ, request: RequestInfo, guard: Guard) -> None:
     for key in [k for k in environ if k.startswith("HTTP_")]:
         if _header_name(key) in removed:
             del environ[key]
-    environ["QUERY_STRING"] = query.decode("latin-1")
+    text = query.decode("latin-1")
+    environ["QUERY_STRING"] = text
+    # Servers also hand the whole request target over (werkzeug REQUEST_URI, gunicorn
+    # RAW_URI); rebuilt from the path and the stripped query, they cannot leak it.
+    for key in ("REQUEST_URI", "RAW_URI"):
+        target = environ.get(key)
+        if isinstance(target, str):
+            path = target.partition("?")[0]
+            environ[key] = f"{path}?{text}" if text else path

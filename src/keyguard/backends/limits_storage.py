@@ -220,7 +220,14 @@ class LimitsRateStore:
         if refused:
             denied, retry = _slowest(refused)
             return Admission(False, tuple(states), denied_by=denied, retry_after=retry)
-        return self._take(request, windows, quotas, states)
+        try:
+            return self._take(request, windows, quotas, states)
+        except BaseException:
+            # The storage failed after the slot was taken: nobody holds a lease to give
+            # it back, so give it back here rather than leave the key "full" for a TTL.
+            if request.lease is not None:
+                self._slots.release(bucket, request.lease)
+            raise
 
     def _take(
         self,
