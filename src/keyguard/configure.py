@@ -80,6 +80,7 @@ def build_guard(
         auth_failures=settings.auth_failures,
         deny_ips=settings.deny_ips,
         tokens=tokens,
+        default_plan=settings.default_plan,
     )
 
 

@@ -66,6 +66,9 @@ TABLE: Final[dict[str, Entry]] = {
         "The API key lacks the scope this request needs.",
         "insufficient_scope",
     ),
+    "plan_not_available": Entry(
+        403, "permission_error", "The API key's plan is not available on this service."
+    ),
     "ip_not_allowed": Entry(
         403, "permission_error", "Requests from this address are not allowed for this key."
     ),

@@ -40,6 +40,7 @@ from .ratelimit_headers import limit_headers
 from .records import KeyRecord, KeyStatus
 from .request import RequestInfo
 from .scopes import RouteMap, scope_allows
+from .telemetry import CheckObservation, Telemetry, default_telemetry
 
 __all__ = ["Allow", "Decision", "Guard", "Identity", "Lease"]
 
@@ -181,6 +182,14 @@ class Guard:
         key's. Credentials up to the validator's ``max_token_bytes`` are then read
         (keys are still refused above 255 characters by the key parser).
     :param token_plan: the plan of outside OAuth clients (default ``"free"``).
+    :param default_plan: the plan whose limits apply to a key whose own plan is not
+        configured; when it is not configured either, such a key is refused (403
+        ``plan_not_available``): a typo in a plan name never means "no limits".
+    :param telemetry: OpenTelemetry for each check (a ``keyguard.check`` span under
+        the server's span, and metrics; see :mod:`keyguard.telemetry`). ``True``
+        uses the global providers, which cost next to nothing until an SDK is
+        configured; pass a :class:`~keyguard.telemetry.Telemetry` for other
+        providers, ``None`` or ``False`` for none.
 
     An unexpected exception while deciding (a bug, a misbehaving custom store or
     hasher) becomes a generic ``500 internal_error``; the log records the exception's
@@ -212,6 +221,8 @@ class Guard:
         allow_preflight: bool = False,
         tokens: TokenValidator | None = None,
         token_plan: str = "free",  # noqa: S107 - a plan name, not a password
+        telemetry: Telemetry | bool | None = True,
+        default_plan: str = "free",
     ) -> None:
         if on_limiter_error not in {"deny", "allow"}:
             raise ConfigurationError("on_limiter_error must be 'deny' or 'allow'")
@@ -235,8 +246,13 @@ class Guard:
         self.proxies = proxies or TrustedProxies()
         self.routes = routes
         self.plans = dict(plans)
+        # A key whose plan is not configured (a typo, a plan since removed) gets the
+        # default plan's limits, or is refused when there is none: never no limits at
+        # all, which would fail open.
+        self._fallback_plan = self.plans.get(default_plan)
         self.services = dict(services or {})
         self.key_format = key_format or KeyFormat()
+        self._key_prefix = self.key_format.prefix + "_"
         self.hasher = hasher or KeyHasher()
         self.clock = clock or SystemClock()
         self.on_limiter_error = on_limiter_error
@@ -244,6 +260,7 @@ class Guard:
         self.expiry_warning = expiry_warning
         self.realm = realm
         self.allow_preflight = bool(allow_preflight)
+        self.telemetry = _telemetry(telemetry)
         # Stores that live in this process never wait on I/O: the async face can call
         # their sync methods directly, with no coroutine, task or shield per request.
         self.inline = (
@@ -265,10 +282,16 @@ class Guard:
         self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
     ) -> Decision:
         """Decide on ``request`` with blocking I/O (WSGI, scripts)."""
+        seen = None if self.telemetry is None else self.telemetry.begin()
+        decision: Decision | None = None
         try:
-            return run_sync(self._flow(request, scope, cost), self.backends)
+            decision = run_sync(self._flow(request, scope, cost, seen), self.backends)
         except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
-            return _internal_error(exc)
+            decision = _internal_error(exc)
+        finally:
+            if seen is not None:
+                seen.finish(decision)
+        return decision
 
     async def acheck(
         self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
@@ -276,10 +299,16 @@ class Guard:
         """Decide on ``request`` without blocking the event loop (ASGI)."""
         if self.inline:
             return self.check(request, scope=scope, cost=cost)
+        seen = None if self.telemetry is None else self.telemetry.begin()
+        decision: Decision | None = None
         try:
-            return await run_async(self._flow(request, scope, cost), self.backends)
+            decision = await run_async(self._flow(request, scope, cost, seen), self.backends)
         except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
-            return _internal_error(exc)
+            decision = _internal_error(exc)
+        finally:
+            if seen is not None:  # a cancelled check ends its span with no decision
+                seen.finish(decision)
+        return decision
 
     def release(self, lease: Lease) -> None:
         """Give a concurrency slot back; harmless to call twice.
@@ -291,7 +320,7 @@ class Guard:
             try:
                 self.backends.limiter.release(lease.bucket, lease.lease_id)
             except StorageError:
-                _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
+                self._release_failed(lease)
 
     async def arelease(self, lease: Lease) -> None:
         """The async :meth:`release`."""
@@ -301,11 +330,22 @@ class Guard:
             try:
                 await self.backends.limiter.arelease(lease.bucket, lease.lease_id)
             except StorageError:
-                _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
+                self._release_failed(lease)
+
+    def _release_failed(self, lease: Lease) -> None:
+        _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
+        if self.telemetry is not None:
+            self.telemetry.storage_error("limits")
 
     # the flow, written once
 
-    def _flow(self, request: RequestInfo, scope: str | None, cost: int | None) -> GuardFlow:
+    def _flow(
+        self,
+        request: RequestInfo,
+        scope: str | None,
+        cost: int | None,
+        seen: CheckObservation | None,
+    ) -> GuardFlow:
         needed = scope
         if needed is None and self.routes is not None:
             match = self.routes.match(request.method, request.path)
@@ -316,6 +356,8 @@ class Guard:
             needed = match.scope
         client = self.proxies.client_ip(request)
         ip = None if client is None else client.ip
+        if seen is not None:  # what a denial alone would not tell the telemetry
+            seen.client, seen.service = ip, needed
         if self._deny is not None and self._deny.blocks(ip):
             return deny("ip_not_allowed")
         if self.allow_preflight and _is_preflight(request):
@@ -340,12 +382,10 @@ class Guard:
         if isinstance(record_or_denial, Denial):
             return record_or_denial
         record = record_or_denial
-        if record.ip_allow and not _allowed(record.ip_allow, ip):
-            return deny("ip_not_allowed")
-        if needed is not None and not scope_allows(record.scopes, needed):
-            return deny("insufficient_permissions", scope=needed, detail=f"needs {needed}")
         method = "oauth" if token else credential.method
-        return (yield from self._admit(record, method, needed, cost, ip))
+        if seen is not None:
+            seen.key_id, seen.method = record.id, method
+        return (yield from self._admit(record, method, needed, cost, ip, seen=seen))
 
     def _authenticate(
         self, credential: Credential, ip: IPAddress | None
@@ -385,14 +425,13 @@ class Guard:
         return replace(self.credentials, max_length=length)
 
     def _token_shaped(self, credential: Credential) -> bool:
-        """A bearer value that does not parse as a keyguard key."""
-        if credential.method != "bearer":
-            return False
-        try:
-            self.key_format.parse(credential.value)
-        except InvalidCredential:
-            return True
-        return False
+        """A bearer value that does not look like a keyguard key (its prefix) is a token.
+
+        Only the prefix is looked at: the key path parses the value fully, once.
+        """
+        return credential.method == "bearer" and not credential.value.reveal().startswith(
+            self._key_prefix
+        )
 
     def _authenticate_token(
         self, credential: Credential, ip: IPAddress | None
@@ -441,12 +480,22 @@ class Guard:
         needed: str | None,
         cost: int | None,
         ip: IPAddress | None,
+        *,
+        seen: CheckObservation | None,
     ) -> Generator[Op[Backends, Backends, Any], Any, Decision]:
+        """The key's address and scope, then its limits."""
+        if record.ip_allow and not _allowed(record.ip_allow, ip):
+            return deny("ip_not_allowed")
+        if needed is not None and not scope_allows(record.scopes, needed):
+            return deny("insufficient_permissions", scope=needed, detail=f"needs {needed}")
         service = self.services.get(needed) if needed is not None else None
         units = cost if cost is not None else (service.cost if service is not None else 1)
         extra = self._expiry_header(record)
         limiter = self.backends.limiter
-        policy = resolve_policy(self.plans.get(record.plan), record.limits, needed, service)
+        plan = self.plans.get(record.plan, self._fallback_plan)
+        if plan is None and self.plans:
+            return deny("plan_not_available")
+        policy = resolve_policy(plan, record.limits, needed, service)
         states: tuple[LimitState, ...] = ()
         lease = None
         if limiter is not None and not policy.is_empty():
@@ -460,8 +509,12 @@ class Guard:
             except StorageError:
                 if self.on_limiter_error == "deny":
                     return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
+                if seen is not None:
+                    seen.fault = "limits"
                 return Allow(self._identity(record, method, (), needed, ip), extra, None, units)
             if not admission.allowed:
+                if seen is not None:
+                    seen.limits = admission.states
                 return self._refusal(admission, extra)
             states = admission.states
             lease = None if lease_id is None else Lease(record.id, lease_id)
@@ -567,6 +620,16 @@ def _allow_list(cidrs: tuple[str, ...]) -> IPAllowList | None:
 @lru_cache(maxsize=4096)
 def _ip_text(ip: IPAddress) -> str:
     return str(ip)
+
+
+def _telemetry(option: Telemetry | bool | None) -> Telemetry | None:
+    if option is True:
+        return default_telemetry()
+    if option is None or option is False:
+        return None
+    if not isinstance(option, Telemetry):
+        raise ConfigurationError("telemetry must be a Telemetry, True, False or None")
+    return option
 
 
 def _in_process(store: object) -> bool:

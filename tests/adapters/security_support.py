@@ -607,6 +607,9 @@ def sweep(env: Env, face: str) -> list[tuple[str, Reply]]:
     )
     out.append(("403 scope", key(env.issue(), "/scoped")))
     out.append(("403 address", key(env.issue(ip_allow=["10.0.0.0/8"]))))
+    stray = env.manager.create("stray", plan="retired")
+    strict = env.front(face, env.guard(default_plan="retired"))
+    out.append(("403 plan", strict.key(stray.key.reveal())))
     for _ in range(3):
         front.key(well_formed(canary()), client="198.51.100.99")
     out.append(("429 failed attempts", front.key(well_formed(canary()), client="198.51.100.99")))

@@ -216,3 +216,22 @@ def test_two_guards_do_not_interfere() -> None:
     assert code(a.check(req(key="kg_live_bad"))) == "too_many_failed_attempts"
     assert code(b.check(req(key="kg_live_bad"))) == "invalid_api_key"
     assert code(a.check(req(key="kg_live_bad", peer="198.51.100.1"))) == "invalid_api_key"
+
+
+def test_a_key_on_an_unknown_plan_gets_the_default_plan_limits() -> None:
+    """A plan name nobody configured falls back to the default plan, never to no limits."""
+    guard, manager = memory_guard(plans=PLANS, default_plan="free")
+    key = manager.create("typo", plan="fre").key.reveal()
+    for _ in range(3):
+        allowed = guard.check(req(key=key))
+        assert isinstance(allowed, Allow)
+        assert allowed.lease is not None
+        guard.release(allowed.lease)
+    assert code(guard.check(req(key=key))) == "rate_limit_exceeded"
+
+
+def test_a_key_on_an_unknown_plan_without_a_default_is_refused() -> None:
+    """With no default plan to fall back on, such a key is refused, never unlimited."""
+    guard, manager = memory_guard(plans=PLANS, default_plan="gold")
+    key = manager.create("typo", plan="fre").key.reveal()
+    assert code(guard.check(req(key=key))) == "plan_not_available"

@@ -91,7 +91,7 @@ def test_keys_still_work_beside_tokens(keys: Keys) -> None:
     assert status(setup.check(key, "read", header_name="x-api-key")) == 200
     typo = setup.check(key[:-1] + ("A" if key[-1] != "A" else "B"))
     assert isinstance(typo, Denial)
-    assert typo.code == "invalid_token"  # not key-shaped any more: the token path said no
+    assert typo.code == "invalid_api_key"  # still key-shaped (our prefix): refused offline
     assert setup.store.finds == 2
 
 
