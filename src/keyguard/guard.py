@@ -9,27 +9,33 @@ touch storage: the key lookup and the single atomic limiter call.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
-import traceback
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any, Literal, TypeAlias
 
+from ._guard_ops import Backends, FindKey, GetKey, Hit
+from ._guard_support import (
+    allowed,
+    in_process,
+    internal_error,
+    ip_text,
+    is_preflight,
+    telemetry_for,
+)
 from .backends.memory_limiter import MemoryRateStore
 from .backends.protocols import KeyBackend
 from .clock import Clock, SystemClock, utcnow
 from .codec import isoformat
 from .credentials import Credential, CredentialConfig, MalformedCredential, extract_credential
+from .decisions import Allow, Decision, Headers, Identity, Lease
 from .denials import Denial, deny
 from .errors import ConfigurationError, InvalidCredential, StorageError
 from .flows import Op, run_async, run_sync
-from .iprules import IPAddress, IPAllowList, IPDenyList
+from .iprules import IPAddress, IPDenyList
 from .keys import KeyFormat, KeyHasher
 from .lifecycle import check_secret
 from .limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState, RateBackend, Window
@@ -40,106 +46,12 @@ from .ratelimit_headers import limit_headers
 from .records import KeyRecord, KeyStatus
 from .request import RequestInfo
 from .scopes import RouteMap, scope_allows
-from .telemetry import CheckObservation, Telemetry, default_telemetry
+from .telemetry import CheckObservation, Telemetry
 
 __all__ = ["Allow", "Decision", "Guard", "Identity", "Lease"]
 
-Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
 
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who made an allowed request: published to the app, never holding the secret."""
-
-    key_id: str
-    name: str
-    owner: str | None
-    scopes: tuple[str, ...]
-    plan: str
-    limits: tuple[LimitState, ...]
-    client_ip: str | None
-    auth_method: str
-    service: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A concurrency slot to give back when the response ends."""
-
-    bucket: str
-    lease_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Allow:
-    """Let the request through; ``identity`` is ``None`` on a public path."""
-
-    identity: Identity | None
-    headers: Headers = ()
-    lease: Lease | None = None
-    cost: int = 0
-
-
-Decision: TypeAlias = Allow | Denial
 _PUBLIC = Allow(None)
-
-
-@dataclass(frozen=True, slots=True)
-class Backends:
-    keys: KeyBackend
-    limiter: RateBackend | None
-
-
-@dataclass(frozen=True, slots=True)
-class _FindKey(Op[Backends, Backends, KeyRecord | None]):
-    digest: str
-
-    def run(self, ctx: Backends) -> KeyRecord | None:
-        return ctx.keys.find(self.digest)
-
-    async def arun(self, ctx: Backends) -> KeyRecord | None:
-        return await ctx.keys.afind(self.digest)
-
-
-@dataclass(frozen=True, slots=True)
-class _GetKey(Op[Backends, Backends, KeyRecord | None]):
-    key_id: str
-
-    def run(self, ctx: Backends) -> KeyRecord | None:
-        return ctx.keys.get(self.key_id)
-
-    async def arun(self, ctx: Backends) -> KeyRecord | None:
-        return await ctx.keys.aget(self.key_id)
-
-
-@dataclass(frozen=True, slots=True)
-class _Hit(Op[Backends, Backends, Admission]):
-    request: HitRequest
-
-    def run(self, ctx: Backends) -> Admission:
-        if ctx.limiter is None:  # pragma: no cover - the flow never yields a hit then
-            raise StorageError("no limiter configured")
-        return ctx.limiter.hit(self.request)
-
-    async def arun(self, ctx: Backends) -> Admission:
-        limiter = ctx.limiter
-        if limiter is None:  # pragma: no cover - the flow never yields a hit then
-            raise StorageError("no limiter configured")
-        lease = self.request.lease
-        if lease is None:
-            return await limiter.ahit(self.request)
-        # A hit that takes a concurrency slot may run on after this task is cancelled
-        # (in a worker thread, on a server), and nobody would give the slot back: the
-        # key would stay at "full" until the lease expires (T82). So the hit is
-        # shielded; on cancellation we wait for it and release what it took.
-        hit = asyncio.ensure_future(limiter.ahit(self.request))
-        try:
-            return await asyncio.shield(hit)
-        except asyncio.CancelledError:
-            with contextlib.suppress(StorageError):
-                if (await hit).allowed:
-                    await limiter.arelease(self.request.bucket, lease)
-            raise
 
 
 GuardFlow: TypeAlias = Generator[Op[Backends, Backends, Any], Any, Decision]
@@ -260,12 +172,12 @@ class Guard:
         self.expiry_warning = expiry_warning
         self.realm = realm
         self.allow_preflight = bool(allow_preflight)
-        self.telemetry = _telemetry(telemetry)
+        self.telemetry = telemetry_for(telemetry)
         # Stores that live in this process never wait on I/O: the async face can call
         # their sync methods directly, with no coroutine, task or shield per request.
         self.inline = (
-            _in_process(keys)
-            and (limiter is None or _in_process(limiter))
+            in_process(keys)
+            and (limiter is None or in_process(limiter))
             and (tokens is None or tokens.in_process)
         )
         self._lease_prefix = secrets.token_hex(6)
@@ -287,7 +199,7 @@ class Guard:
         try:
             decision = run_sync(self._flow(request, scope, cost, seen), self.backends)
         except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
-            decision = _internal_error(exc)
+            decision = internal_error(exc)
         finally:
             if seen is not None:
                 seen.finish(decision)
@@ -304,7 +216,7 @@ class Guard:
         try:
             decision = await run_async(self._flow(request, scope, cost, seen), self.backends)
         except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
-            decision = _internal_error(exc)
+            decision = internal_error(exc)
         finally:
             if seen is not None:  # a cancelled check ends its span with no decision
                 seen.finish(decision)
@@ -360,7 +272,7 @@ class Guard:
             seen.client, seen.service = ip, needed
         if self._deny is not None and self._deny.blocks(ip):
             return deny("ip_not_allowed")
-        if self.allow_preflight and _is_preflight(request):
+        if self.allow_preflight and is_preflight(request):
             return _PUBLIC
         blocked_for = self._blocked_for(ip)
         if blocked_for is not None:
@@ -397,7 +309,7 @@ class Guard:
             return deny("invalid_api_key")
         digest = self.hasher.digest(parsed.secret)
         try:
-            record = yield _FindKey(digest)
+            record = yield FindKey(digest)
         except StorageError:
             return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
         try:
@@ -450,7 +362,7 @@ class Guard:
         if claims.key_id is None:
             return self._client_record(claims)
         try:
-            record = yield _GetKey(claims.key_id)
+            record = yield GetKey(claims.key_id)
         except StorageError:
             return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
         if record is None or record.status(utcnow(self.clock)) is not KeyStatus.ACTIVE:
@@ -484,7 +396,7 @@ class Guard:
         seen: CheckObservation | None,
     ) -> Generator[Op[Backends, Backends, Any], Any, Decision]:
         """The key's address and scope, then its limits."""
-        if record.ip_allow and not _allowed(record.ip_allow, ip):
+        if record.ip_allow and not allowed(record.ip_allow, ip):
             return deny("ip_not_allowed")
         if needed is not None and not scope_allows(record.scopes, needed):
             return deny("insufficient_permissions", scope=needed, detail=f"needs {needed}")
@@ -505,7 +417,7 @@ class Guard:
                 else None
             )
             try:
-                admission = yield _Hit(HitRequest(record.id, policy, units, lease_id))
+                admission = yield Hit(HitRequest(record.id, policy, units, lease_id))
             except StorageError:
                 if self.on_limiter_error == "deny":
                     return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
@@ -551,7 +463,7 @@ class Guard:
             scopes=record.scopes,
             plan=record.plan,
             limits=states,
-            client_ip=None if ip is None else _ip_text(ip),
+            client_ip=None if ip is None else ip_text(ip),
             auth_method=method,
             service=service,
         )
@@ -576,7 +488,7 @@ class Guard:
         """
         if self._failures is None or ip is None:
             return None
-        bucket = "ip:" + _ip_text(ip)
+        bucket = "ip:" + ip_text(ip)
         if bucket not in self._failures:  # the common case: this address never failed
             return None
         states = self._failures.peek(bucket, self._failure_policy)
@@ -585,53 +497,4 @@ class Guard:
 
     def _failed(self, ip: IPAddress | None) -> None:
         if self._failures is not None and ip is not None:
-            self._failures.hit(HitRequest("ip:" + _ip_text(ip), self._failure_policy))
-
-
-def _is_preflight(request: RequestInfo) -> bool:
-    """A CORS preflight: ``OPTIONS`` with ``Access-Control-Request-Method``."""
-    return request.method == "OPTIONS" and any(
-        name == b"access-control-request-method" for name, _ in request.headers
-    )
-
-
-def _internal_error(exc: Exception) -> Denial:
-    """The 500 for an unexpected exception; logs its type and place, never its text."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-    _logger.error("keyguard failed to decide on a request: %s at %s", type(exc).__name__, where)
-    return deny("internal_error")
-
-
-def _allowed(cidrs: tuple[str, ...], ip: IPAddress | None) -> bool:
-    """Whether a key's allow-list admits ``ip``; a damaged stored list admits nobody."""
-    allow_list = _allow_list(cidrs)
-    return allow_list is not None and allow_list.allows(ip)
-
-
-@lru_cache(maxsize=4096)
-def _allow_list(cidrs: tuple[str, ...]) -> IPAllowList | None:
-    try:
-        return IPAllowList.from_cidrs(cidrs)
-    except ConfigurationError:
-        return None
-
-
-@lru_cache(maxsize=4096)
-def _ip_text(ip: IPAddress) -> str:
-    return str(ip)
-
-
-def _telemetry(option: Telemetry | bool | None) -> Telemetry | None:
-    if option is True:
-        return default_telemetry()
-    if option is None or option is False:
-        return None
-    if not isinstance(option, Telemetry):
-        raise ConfigurationError("telemetry must be a Telemetry, True, False or None")
-    return option
-
-
-def _in_process(store: object) -> bool:
-    """Whether a store declares ``in_process = True``: its methods never block."""
-    return getattr(store, "in_process", False) is True
+            self._failures.hit(HitRequest("ip:" + ip_text(ip), self._failure_policy))

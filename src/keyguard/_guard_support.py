@@ -1,0 +1,66 @@
+"""Small pure helpers of the guard: address checks, caches, preflights, bug reports."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from functools import lru_cache
+
+from .denials import Denial, deny
+from .errors import ConfigurationError
+from .iprules import IPAddress, IPAllowList
+from .request import RequestInfo
+from .telemetry import Telemetry, default_telemetry
+
+__all__ = ["allowed", "in_process", "internal_error", "ip_text", "is_preflight", "telemetry_for"]
+
+_logger = logging.getLogger("keyguard")
+
+
+def is_preflight(request: RequestInfo) -> bool:
+    """A CORS preflight: ``OPTIONS`` with ``Access-Control-Request-Method``."""
+    return request.method == "OPTIONS" and any(
+        name == b"access-control-request-method" for name, _ in request.headers
+    )
+
+
+def internal_error(exc: Exception) -> Denial:
+    """The 500 for an unexpected exception; logs its type and place, never its text."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    _logger.error("keyguard failed to decide on a request: %s at %s", type(exc).__name__, where)
+    return deny("internal_error")
+
+
+def allowed(cidrs: tuple[str, ...], ip: IPAddress | None) -> bool:
+    """Whether a key's allow-list admits ``ip``; a damaged stored list admits nobody."""
+    allow_list = _allow_list(cidrs)
+    return allow_list is not None and allow_list.allows(ip)
+
+
+@lru_cache(maxsize=4096)
+def _allow_list(cidrs: tuple[str, ...]) -> IPAllowList | None:
+    try:
+        return IPAllowList.from_cidrs(cidrs)
+    except ConfigurationError:
+        return None
+
+
+@lru_cache(maxsize=4096)
+def ip_text(ip: IPAddress) -> str:
+    return str(ip)
+
+
+def telemetry_for(option: Telemetry | bool | None) -> Telemetry | None:
+    if option is True:
+        return default_telemetry()
+    if option is None or option is False:
+        return None
+    if not isinstance(option, Telemetry):
+        raise ConfigurationError("telemetry must be a Telemetry, True, False or None")
+    return option
+
+
+def in_process(store: object) -> bool:
+    """Whether a store declares ``in_process = True``: its methods never block."""
+    return getattr(store, "in_process", False) is True
