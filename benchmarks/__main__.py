@@ -23,6 +23,7 @@ SUITES: dict[str, str] = {
     "keys": "key parse + checksum + digest, and store lookups at 1k and 1M keys",
     "enforcement": "per-request cost next to bare apps, slowapi and Flask-Limiter",
     "breakdown": "keyguard's decision stage by stage (where the time goes)",
+    "redis": "keyguard vs slowapi on Redis: cost, round trips, uvicorn req/s, exactness",
 }
 _PACKAGES = (
     "keyguard",
@@ -34,6 +35,8 @@ _PACKAGES = (
     "flask-limiter",
     "limits",
     "pydantic",
+    "redis",
+    "uvicorn",
 )
 
 
@@ -46,6 +49,10 @@ def _runner(name: str) -> Callable[[Settings], SuiteReport]:
         from . import breakdown
 
         return breakdown.run
+    if name == "redis":
+        from . import redis
+
+        return redis.run
     from . import enforcement
 
     return enforcement.run
