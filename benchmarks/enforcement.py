@@ -64,6 +64,7 @@ from keyguard.guard import Guard
 from keyguard.keys import BASE62, KeyFormat, KeyHasher, base62, checksum
 from keyguard.lifecycle import KeySpec, create_record
 from keyguard.limiting import RateBackend
+from keyguard.plans import Plan
 from keyguard.records import AuditEvent, LimitOverrides
 from keyguard.scopes import RouteMap, RouteRule
 
@@ -122,7 +123,7 @@ def _spec(*, full: bool) -> KeySpec:
         if full
         else LimitOverrides(rate=RATE)
     )
-    # A plan the guard does not know: the key's own limits are the whole policy.
+    # An empty plan (see _PLANS): the key's own limits are the whole policy.
     return KeySpec(
         name="bench",
         scopes=("text:generate",),
@@ -161,11 +162,16 @@ def issue_keys(store: KeyBackend, count: int, *, full: bool = True) -> list[str]
     return raws
 
 
+_PLANS = {"bench": Plan("bench")}  # no defaults: each variant's key says what it limits
+
+
 def memory_guard(*, max_entries: int = 100_000) -> Guard:
     return Guard(
         keys=MemoryKeyStore(audit_size=16),
         limiter=MemoryRateStore(max_entries=max_entries),
         routes=_routes(),
+        plans=_PLANS,
+        default_plan="bench",
     )
 
 
@@ -174,6 +180,8 @@ def sqlite_guard(folder: Path) -> Guard:
         keys=SQLiteKeyStore(folder / "keys.db"),
         limiter=SQLiteRateStore(folder / "limits.db"),
         routes=_routes(),
+        plans=_PLANS,
+        default_plan="bench",
     )
 
 
