@@ -34,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib.resources import files
 from typing import Any, Final, TypeVar
 
@@ -254,16 +255,21 @@ class RedisRateStore:
 
     # one guarded round trip, for each face
 
-    def _run(self, action: str, call: Callable[[], T]) -> T:
+    @contextmanager
+    def _guarded(self, action: str) -> Iterator[None]:
+        """One round trip under the breaker: driver errors become :class:`StorageError`.
+
+        A reply (even an error reply) proves Redis reachable; a connection error or a
+        timeout proves it not; anything else (a cancellation) proves nothing.
+        """
         if self._closed:
             raise StorageError("the Redis rate store is closed")
         breaker = self._breaker
         breaker.enter()
         reachable: bool | None = None
         try:
-            result = call()
+            yield
             reachable = True
-            return result
         except ResponseError as exc:
             reachable = True
             raise StorageError(f"the Redis rate store could not {action}") from exc
@@ -272,6 +278,10 @@ class RedisRateStore:
             raise StorageError(f"the Redis rate store could not {action}") from exc
         finally:
             breaker.leave(reachable)
+
+    def _run(self, action: str, call: Callable[[], T]) -> T:
+        with self._guarded(action):
+            return call()
 
     async def _arun(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
         """:meth:`_run` for the async face, which also honours a cancellation that
@@ -295,26 +305,11 @@ class RedisRateStore:
         return result
 
     async def _aguarded(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
-        if self._closed:
-            raise StorageError("the Redis rate store is closed")
-        breaker = self._breaker
-        breaker.enter()
-        reachable: bool | None = None  # stays None if cancelled: proves nothing
-        try:
+        with self._guarded(action):
             if self._unmapped and isinstance(self._aclient, redis.asyncio.cluster.RedisCluster):
                 await self._aclient.initialize()  # concurrent first callers queue on its lock
                 self._unmapped = False
-            result = await call()
-            reachable = True
-            return result
-        except ResponseError as exc:
-            reachable = True
-            raise StorageError(f"the Redis rate store could not {action}") from exc
-        except _FAILED as exc:
-            reachable = False
-            raise StorageError(f"the Redis rate store could not {action}") from exc
-        finally:
-            breaker.leave(reachable)
+            return await call()
 
     def _eval(self, operands: list[str | int]) -> list[int]:
         client = self._client
