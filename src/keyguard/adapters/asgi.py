@@ -19,6 +19,7 @@ from ..credentials import strip_credentials
 from ..denials import Denial, render
 from ..guard import Allow, Guard, Identity, Lease
 from ..request import RequestInfo
+from ._common import vary_headers
 
 __all__ = ["KeyGuardMiddleware", "current_identity", "request_from_scope", "route_path"]
 
@@ -120,8 +121,7 @@ class KeyGuardMiddleware:
         self.app = app
         self.guard = guard
         self.hide_credentials = hide_credentials
-        header = guard.credentials.header_name.encode("ascii")
-        self._vary = [(b"vary", b"authorization, " + header)] if vary else []
+        self._vary = vary_headers(guard, vary)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

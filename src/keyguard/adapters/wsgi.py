@@ -15,6 +15,7 @@ from ..credentials import strip_credentials
 from ..denials import Denial, render
 from ..guard import Allow, Guard, Identity, Lease
 from ..request import RequestInfo
+from ._common import vary_headers
 
 __all__ = [
     "ENVIRON_KEY",
@@ -144,8 +145,7 @@ class KeyGuardWSGIMiddleware:
         self.app = app
         self.guard = guard
         self.hide_credentials = hide_credentials
-        header = guard.credentials.header_name.encode("ascii")
-        self._vary = [(b"vary", b"authorization, " + header)] if vary else []
+        self._vary = vary_headers(guard, vary)
         self._wanted = guarded_headers(guard)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
