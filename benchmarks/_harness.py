@@ -272,3 +272,20 @@ async def ameasure_many(
             gc.collect()
             samples[name].append(await _aelapsed_ns(loop, ops[name]) / ops[name] / 1000)
     return {name: Timing(tuple(samples[name]), ops[name]) for name in loops}
+
+
+def run_standalone(run: Callable[[Settings], SuiteReport], doc: str | None) -> None:
+    """``python -m benchmarks.<suite> [--quick]``: run one suite and print its table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    args = parser.parse_args()
+    report = run(Settings.make(quick=args.quick))
+    width = max(len(r.name) for r in report.results)
+    print(f"{'benchmark':<{width}}  {'µs/op':>8}  {'best':>8}  {'worst':>8}")
+    for result in report.results:
+        t = result.timing
+        print(f"{result.name:<{width}}  {t.median:8.2f}  {t.best:8.2f}  {t.worst:8.2f}")
+    for figure in report.derived:
+        print(f"{figure.name}: {figure.value:.2f} {figure.unit}")

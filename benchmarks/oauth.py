@@ -18,7 +18,6 @@ of the repeats (see ``benchmarks/_harness.py``); quote them from a full run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -44,7 +43,7 @@ from keyguard.oauth.validator import JWTValidator
 from keyguard.plans import Plan
 from keyguard.request import RequestInfo
 
-from ._harness import Settings, SuiteReport, measure, measure_many
+from ._harness import Settings, SuiteReport, measure, measure_many, run_standalone
 
 __all__ = ["main", "run"]
 
@@ -206,17 +205,7 @@ def run(settings: Settings) -> SuiteReport:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
-    args = parser.parse_args()
-    report = run(Settings.make(quick=args.quick))
-    width = max(len(r.name) for r in report.results)
-    print(f"{'benchmark':<{width}}  {'µs/op':>8}  {'best':>8}  {'worst':>8}")
-    for result in report.results:
-        t = result.timing
-        print(f"{result.name:<{width}}  {t.median:8.2f}  {t.best:8.2f}  {t.worst:8.2f}")
-    for figure in report.derived:
-        print(f"{figure.name}: {figure.value:.2f} {figure.unit}")
+    run_standalone(run, __doc__)
 
 
 if __name__ == "__main__":

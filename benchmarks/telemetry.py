@@ -19,7 +19,6 @@ the machine lands on all of them; figures are medians of the repeats.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -34,7 +33,7 @@ from keyguard.guard import Allow
 from keyguard.telemetry import Telemetry, default_telemetry
 
 from . import enforcement as enf
-from ._harness import Settings, SuiteReport, measure_many
+from ._harness import Settings, SuiteReport, measure_many, run_standalone
 from .breakdown import _guard_and_key
 
 __all__ = ["run"]
@@ -99,17 +98,7 @@ def run(settings: Settings) -> SuiteReport:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
-    args = parser.parse_args()
-    report = run(Settings.make(quick=args.quick))
-    width = max(len(r.name) for r in report.results)
-    print(f"{'benchmark':<{width}}  {'µs/op':>8}  {'best':>8}  {'worst':>8}")
-    for result in report.results:
-        t = result.timing
-        print(f"{result.name:<{width}}  {t.median:8.2f}  {t.best:8.2f}  {t.worst:8.2f}")
-    for figure in report.derived:
-        print(f"{figure.name}: {figure.value:.2f} {figure.unit}")
+    run_standalone(run, __doc__)
 
 
 if __name__ == "__main__":
