@@ -60,6 +60,7 @@ def build_guard(
             limiter_options["clock"] = clock
         limiter = open_rate_store(url, **limiter_options)
         _warn_if_per_worker(url)
+        _warn_if_evicting(limiter)
     return Guard(
         keys=keys if keys is not None else settings.open_store(),
         limiter=limiter,
@@ -96,4 +97,16 @@ def _warn_if_per_worker(url: str) -> None:
             "gets up to %s times its limits; use sqlite:// or redis:// to share them",
             workers,
             workers,
+        )
+
+
+def _warn_if_evicting(limiter: RateBackend) -> None:
+    """Say so at start-up when Redis may evict live counters (an ``allkeys-*`` policy)."""
+    read = getattr(limiter, "eviction_policy", None)
+    policy = read() if callable(read) else None
+    if isinstance(policy, str) and policy.startswith("allkeys-"):
+        logging.getLogger("keyguard").warning(
+            "Redis maxmemory-policy is %s: it may evict live rate-limit counters and so "
+            "reset limits; use noeviction or volatile-ttl (keyguard sets a TTL on every key)",
+            policy,
         )

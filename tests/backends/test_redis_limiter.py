@@ -33,6 +33,7 @@ from keyguard.backends._redis_client import redis_clients
 from keyguard.backends.redis_limiter import RedisRateStore
 from keyguard.backends.registry import open_rate_store
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
+from keyguard.configure import build_guard
 from keyguard.errors import ConfigurationError, StorageError
 from keyguard.limiting import (
     Admission,
@@ -43,6 +44,7 @@ from keyguard.limiting import (
     QuotaPeriod,
     Window,
 )
+from keyguard.settings import KeyGuardSettings
 from keyguard.testing import FakeClock
 from tests import redis_support
 from tests.redis_support import (
@@ -603,3 +605,24 @@ def test_urls_open_through_the_registry(
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ConfigurationError, match=r"keyguard\[redis\]"):
         open_rate_store(redis_server.url)
+
+
+def test_r5_allkeys_eviction_policy_is_announced_at_start_up(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An allkeys-* maxmemory-policy, which may reset limits, is warned about at start-up."""
+    settings = KeyGuardSettings(storage_url=own_redis.url, key_cache_ttl=0)
+    admin = redis.Redis.from_url(own_redis.url)
+    try:
+        for policy, warned in (("allkeys-lru", True), ("noeviction", False)):
+            admin.config_set("maxmemory-policy", policy)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="keyguard"):
+                guard = build_guard(settings)
+            guard.backends.keys.close()
+            assert guard.backends.limiter is not None
+            assert guard.backends.limiter.eviction_policy() == policy  # type: ignore[attr-defined]
+            guard.backends.limiter.close()
+            assert ("maxmemory-policy" in caplog.text) is warned
+    finally:
+        admin.close()

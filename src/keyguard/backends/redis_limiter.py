@@ -347,6 +347,26 @@ class RedisRateStore:
         operands = self._call("peek", bucket, plan)
         return plan.states(self._run("read a bucket", lambda: self._eval(operands)))
 
+    def eviction_policy(self) -> str | None:
+        """The server's ``maxmemory-policy``, or ``None`` when it cannot be read.
+
+        Under an ``allkeys-*`` policy Redis may evict live counters, which silently
+        resets limits; callers warn about it at start-up. ACLs and managed services
+        often refuse ``CONFIG``, and a Cluster answers per node: both give ``None``.
+        """
+        try:
+            with self._guarded("read the eviction policy"):
+                # redis-py types the reply as str, but without decode_responses it is bytes.
+                reply: object = self._client.config_get("maxmemory-policy")
+        except StorageError:
+            return None
+        value: object = None
+        if isinstance(reply, dict):
+            value = reply.get("maxmemory-policy", reply.get(b"maxmemory-policy"))
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        return value if isinstance(value, str) else None
+
     def reset(self, bucket: str) -> None:
         keys = self._keys(bucket)
         self._run("reset a bucket", lambda: self._client.delete(*keys))
