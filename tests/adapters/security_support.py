@@ -272,34 +272,26 @@ def wsgi_call(app: WSGIApp, environ: dict[str, Any]) -> Reply:
 # -- spies and failing doubles ----------------------------------------------------------
 
 
-class SpyMemoryKeyStore(MemoryKeyStore):
-    """The memory key store, counting lookups; ``failure`` makes every lookup raise it."""
+class _CountingFinds:
+    """Counts ``find`` calls; ``failure`` makes every lookup raise it. Mixed into a store."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.finds = 0
-        self.failure: Exception | None = None
+    finds = 0
+    failure: Exception | None = None
 
     def find(self, digest: str) -> KeyRecord | None:
         self.finds += 1
         if self.failure is not None:
             raise self.failure
-        return super().find(digest)
+        found: KeyRecord | None = super().find(digest)  # type: ignore[misc]
+        return found
 
 
-class SpySQLiteKeyStore(SQLiteKeyStore):
-    """The SQLite key store, counting lookups; ``failure`` makes every lookup raise it."""
+class SpyMemoryKeyStore(_CountingFinds, MemoryKeyStore):
+    """The memory key store, counting lookups."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.finds = 0
-        self.failure: Exception | None = None
 
-    def find(self, digest: str) -> KeyRecord | None:
-        self.finds += 1
-        if self.failure is not None:
-            raise self.failure
-        return super().find(digest)
+class SpySQLiteKeyStore(_CountingFinds, SQLiteKeyStore):
+    """The SQLite key store, counting lookups."""
 
 
 class SpyLimiter:
