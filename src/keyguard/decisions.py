@@ -6,20 +6,95 @@ result types without the decision machinery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from ._state import period_at
 from .denials import Denial
-from .limiting import LimitState
+from .limiting import Adjustment, LimitKind, LimitPolicy, LimitState, QuotaCharge
 
-__all__ = ["Allow", "Decision", "Headers", "Identity", "Lease"]
+__all__ = ["Allow", "Charge", "Decision", "Headers", "Identity", "Lease"]
 
 Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
 
 
+class Charge:
+    """What one admission charged to its quotas: the handle :meth:`Guard.settle` takes.
+
+    Immutable, except that it can be *spent* once: :meth:`spend` answers ``True`` to
+    exactly one caller, whatever thread or task it runs on (a non-blocking lock
+    acquire is one atomic step), so a settlement applies once however often an app
+    calls it. Copies (``copy``, ``deepcopy``, ``dataclasses.replace`` of the identity)
+    share the handle, and with it the one settlement. Built by the guard on every
+    admission that charged a quota, so it only stores what it was given; the quota
+    periods are worked out when it is settled.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ("_at", "_policy", "_spent", "_states", "bucket", "units")
+
+    def __init__(
+        self,
+        bucket: str,
+        policy: LimitPolicy,
+        states: tuple[LimitState, ...],
+        units: int,
+        wall: float,
+    ) -> None:
+        self.bucket = bucket
+        self.units = units
+        self._policy, self._states, self._at = policy, states, wall
+        self._spent = threading.Lock()
+
+    def spend(self) -> bool:
+        """Whether this call is the one that settles (``True`` once, then ``False``)."""
+        return self._spent.acquire(blocking=False)
+
+    @property
+    def spent(self) -> bool:
+        return self._spent.locked()
+
+    def charges(self) -> tuple[QuotaCharge, ...]:
+        """Each quota counter the admission charged, with the period it charged.
+
+        A backend reports a quota's period as ``reset_after`` (seconds to its end, on
+        the backend's clock) and its length; the middle of the period, placed on this
+        process's clock at the admission, names it whatever the skew, up to half a day.
+        """
+        quotas = [s for s in self._states if s.kind is LimitKind.QUOTA]
+        out = []
+        for quota, state in zip(self._policy.quotas, quotas, strict=False):
+            middle = self._at + state.reset_after - (state.window_seconds or 0) / 2
+            period = period_at(middle, quota.period)
+            out.append(QuotaCharge(quota.period, quota.scope, period.key))
+        return tuple(out)
+
+    def adjustment(self, used: int) -> Adjustment:
+        """Settle to ``used`` units: give back, or charge, the difference."""
+        return Adjustment(self.bucket, self.charges(), used - self.units)
+
+    def __copy__(self) -> Charge:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Charge:
+        return self
+
+    def __repr__(self) -> str:  # no policy internals
+        return f"Charge(units={self.units}, spent={self.spent})"
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who made an allowed request: published to the app, never holding the secret."""
+    """Who made an allowed request: published to the app, never holding the secret.
+
+    ``units`` is what the admission charged the key's quotas (the ``cost`` the app
+    passed, or the service's cost); ``charge`` is the handle
+    :meth:`~keyguard.guard.Guard.settle` takes to settle them to the real count, or
+    ``None`` when nothing was charged to a quota (no quotas, no limiter, or a
+    limiter that failed open).
+    """
 
     key_id: str
     name: str
@@ -30,6 +105,8 @@ class Identity:
     client_ip: str | None
     auth_method: str
     service: str | None = None
+    units: int = 0
+    charge: Charge | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

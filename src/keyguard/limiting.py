@@ -2,7 +2,10 @@
 
 A request asks for one :class:`HitRequest`: every window, quota and the concurrency
 slot of its key (and of its key and service, through ``scope``) are checked and taken
-together in one atomic backend call, so when one refuses, nothing is consumed.
+together in one atomic backend call, so when one refuses, nothing is consumed. An
+admission that reserved units (say ``max_tokens``) is later settled to what was really
+used by one :class:`Adjustment`: units given back to, or charged further to, the
+quota counters the admission charged, in the period it charged them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
+    "Adjustment",
     "Admission",
     "AsyncRateStore",
     "HitRequest",
@@ -20,6 +24,8 @@ __all__ = [
     "LimitPolicy",
     "LimitState",
     "Quota",
+    "QuotaAdjuster",
+    "QuotaCharge",
     "QuotaPeriod",
     "RateBackend",
     "RateStore",
@@ -91,6 +97,39 @@ class HitRequest:
     lease: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaCharge:
+    """One quota counter an admission charged: its period kind, scope and period id.
+
+    ``period_id`` is the UTC day (``YYYY-MM-DD``) or month (``YYYY-MM``) the units went
+    to, so an adjustment made after the period rolled over can tell the counter now in
+    use is another one.
+    """
+
+    period: QuotaPeriod
+    scope: str
+    period_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    """Units to give back to (``delta < 0``) or charge further to (``delta > 0``) the
+    quota counters of ``bucket`` that one admission charged.
+
+    A backend applies it atomically and **never refuses**: a charge may leave a quota
+    above its limit (its ``remaining`` then reads 0), a refund never takes a counter
+    below zero. Each counter is adjusted only while ``period_id`` is still its current
+    period: a refund after the day or month rolled over must not credit the new one,
+    and a late charge does not bill it either. Windows count requests, not units, so
+    they are never adjusted. Counters shared by several quotas of one shape (same
+    period and scope) are adjusted once.
+    """
+
+    bucket: str
+    charges: tuple[QuotaCharge, ...]
+    delta: int
+
+
 class LimitState(NamedTuple):
     """Where one limit stands after (or instead of) a hit.
 
@@ -157,3 +196,21 @@ class AsyncRateStore(Protocol):
 @runtime_checkable
 class RateBackend(RateStore, AsyncRateStore, Protocol):
     """A rate store with both faces, as every built-in limiter is."""
+
+
+@runtime_checkable
+class QuotaAdjuster(Protocol):
+    """The optional ability to settle reserved units, in both faces.
+
+    A capability of its own, as STYLE item 4 asks, so a custom rate store written
+    before it keeps working (without settlement); every built-in limiter has it. The
+    guard checks for it with ``isinstance`` before it settles.
+
+    .. versionadded:: 0.1
+    """
+
+    def adjust(self, adjustment: Adjustment) -> None:
+        """Apply ``adjustment`` atomically; never refuses (see :class:`Adjustment`)."""
+        ...
+
+    async def aadjust(self, adjustment: Adjustment) -> None: ...

@@ -39,6 +39,7 @@ from ._state import (
 )
 from .errors import ConfigurationError, shown
 from .limiting import (
+    Adjustment,
     Admission,
     HitRequest,
     LimitKind,
@@ -60,6 +61,7 @@ __all__ = [
     "Period",
     "Tuning",
     "Usage",
+    "adjust_quotas",
     "current_period",
     "decide",
     "idle_at",
@@ -335,6 +337,38 @@ def release(bucket: Bucket, lease: str) -> bool:
         return False
     bucket.dirty = True
     return True
+
+
+def adjust_quotas(bucket: Bucket, adjustment: Adjustment, now: Now) -> bool:
+    """Settle ``bucket``'s quota counters by ``adjustment.delta``; says whether one changed.
+
+    A counter moves only while the period its admission charged is the current one
+    (by ``now.wall``), so a refund after a UTC rollover never credits the new period
+    and a late charge never bills it. A refund stops at zero; a charge never refuses
+    and may take a counter past its limit. A charge to a counter that holds nothing
+    (a reservation of 0 units) starts it. Counters shared by quotas of one shape move
+    once. ``idle`` only ever moves later, as in :func:`decide`.
+
+    :raises ValueError: for a delta that is not a whole number.
+    """
+    delta = adjustment.delta
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise ValueError("an adjustment's delta must be a whole number")
+    changed, seen, wall = False, set(), now.wall
+    for charge in adjustment.charges if delta else ():
+        key = f"{charge.period.value}:{charge.scope}"
+        period = period_at(wall, charge.period)
+        if key in seen or period.key != charge.period_id:
+            continue
+        seen.add(key)
+        usage = bucket.live_usage(key, wall)
+        if usage is None and delta > 0:
+            usage = bucket.quotas[key] = Usage(period, 0)
+            bucket.idle = max(bucket.idle, to_ms(now.tick) + to_ms(period.end - wall))
+        if usage is not None and usage.period.key == period.key:  # not a later period
+            usage.used = max(0, usage.used + delta)
+            changed = bucket.dirty = True
+    return changed
 
 
 # -- configuration ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from keyguard.backends.redis_limiter import RedisRateStore
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
 from keyguard.errors import ConfigurationError, StorageError
 from keyguard.limiting import (
+    Adjustment,
     Admission,
     AsyncRateStore,
     HitRequest,
@@ -35,6 +36,8 @@ from keyguard.limiting import (
     LimitPolicy,
     LimitState,
     Quota,
+    QuotaAdjuster,
+    QuotaCharge,
     QuotaPeriod,
     RateStore,
     Window,
@@ -57,8 +60,8 @@ REDIS_TEST_OPTIONS: dict[str, Any] = {
 }
 
 
-class Backend(RateStore, AsyncRateStore, Protocol):
-    """A store with both faces, as every backend here is."""
+class Backend(RateStore, AsyncRateStore, QuotaAdjuster, Protocol):
+    """A store with both faces, as every backend here is, that can settle quotas."""
 
 
 class Face(Protocol):
@@ -68,7 +71,9 @@ class Face(Protocol):
     def release(self, bucket: str, lease: str) -> None: ...
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]: ...
     def reset(self, bucket: str) -> None: ...
+    def adjust(self, adjustment: Adjustment) -> None: ...
     def hit_many(self, requests: Sequence[HitRequest]) -> list[Admission]: ...
+    def adjust_many(self, adjustments: Sequence[Adjustment]) -> None: ...
 
 
 class SyncFace:
@@ -77,7 +82,7 @@ class SyncFace:
     def __init__(self, store: Backend) -> None:
         self._store = store
         self.hit, self.release = store.hit, store.release
-        self.peek, self.reset = store.peek, store.reset
+        self.peek, self.reset, self.adjust = store.peek, store.reset, store.adjust
 
     def hit_many(self, requests: Sequence[HitRequest]) -> list[Admission]:
         barrier = threading.Barrier(len(requests))
@@ -88,6 +93,16 @@ class SyncFace:
 
         with ThreadPoolExecutor(max_workers=len(requests)) as pool:
             return list(pool.map(one, requests))
+
+    def adjust_many(self, adjustments: Sequence[Adjustment]) -> None:
+        barrier = threading.Barrier(len(adjustments))
+
+        def one(adjustment: Adjustment) -> None:
+            barrier.wait()
+            self._store.adjust(adjustment)
+
+        with ThreadPoolExecutor(max_workers=len(adjustments)) as pool:
+            list(pool.map(one, adjustments))
 
 
 class AsyncFace:
@@ -112,11 +127,20 @@ class AsyncFace:
     def reset(self, bucket: str) -> None:
         self._run(self._store.areset(bucket))
 
+    def adjust(self, adjustment: Adjustment) -> None:
+        self._run(self._store.aadjust(adjustment))
+
     def hit_many(self, requests: Sequence[HitRequest]) -> list[Admission]:
         async def all_at_once() -> list[Admission]:
             return list(await asyncio.gather(*(self._store.ahit(r) for r in requests)))
 
         return self._run(all_at_once())
+
+    def adjust_many(self, adjustments: Sequence[Adjustment]) -> None:
+        async def all_at_once() -> None:
+            await asyncio.gather(*(self._store.aadjust(a) for a in adjustments))
+
+        self._run(all_at_once())
 
     def close(self) -> None:
         try:
@@ -181,6 +205,7 @@ def rig(request: pytest.FixtureRequest, limiter_kind: str, tmp_path: Path) -> It
     store = open_store(limiter_kind, clock, tmp_path, request)
     assert isinstance(store, RateStore)
     assert isinstance(store, AsyncRateStore)
+    assert isinstance(store, QuotaAdjuster)
     if request.param == "sync":
         yield Rig(SyncFace(store), clock, limiter_kind)
         store.close()
@@ -376,6 +401,109 @@ def test_t68_exact_admission_under_concurrency(rig: Rig) -> None:
         policy = LimitPolicy(windows=(minute(10),))
     results = rig.face.hit_many([HitRequest("k", policy)] * 200)
     assert sum(a.allowed for a in results) == 10
+
+
+# -- settling reserved units (Adjustment) ------------------------------------------
+
+DAY_ID, MONTH_ID = "2027-01-15", "2027-01"  # START's UTC day and month
+
+
+def charged(*quotas: Quota, day: str = DAY_ID, month: str = MONTH_ID) -> tuple[QuotaCharge, ...]:
+    """The charges an admission under ``quotas`` at START made."""
+    return tuple(
+        QuotaCharge(q.period, q.scope, day if q.period is QuotaPeriod.DAY else month)
+        for q in quotas
+    )
+
+
+DAILY, MONTHLY = Quota("daily", 10, QuotaPeriod.DAY), Quota("monthly", 100, QuotaPeriod.MONTH)
+
+
+def test_adjust_refunds_and_charges_every_quota(rig: Rig) -> None:
+    """A refund gives units back to every quota charged, a charge takes more; windows stay."""
+    policy = LimitPolicy(windows=(minute(5),), quotas=(DAILY, MONTHLY))
+    assert rig.face.hit(HitRequest("k", policy, cost=8)).allowed
+    rig.face.adjust(Adjustment("k", charged(DAILY, MONTHLY), -6))
+    assert [used(rig.face.peek("k", policy), n) for n in ("minute", "daily", "monthly")] == [
+        1,
+        2,
+        2,
+    ]
+    rig.face.adjust(Adjustment("k", charged(DAILY, MONTHLY), 3))
+    assert [used(rig.face.peek("k", policy), n) for n in ("daily", "monthly")] == [5, 5]
+    assert rig.face.hit(HitRequest("k", policy, cost=5)).allowed
+    assert not rig.face.hit(HitRequest("k", policy, cost=1)).allowed
+
+
+def test_adjust_never_refuses_and_clamps(rig: Rig) -> None:
+    """A charge may pass the limit (remaining reads 0); a refund stops at zero."""
+    policy = LimitPolicy(quotas=(DAILY,))
+    assert rig.face.hit(HitRequest("k", policy, cost=9)).allowed
+    rig.face.adjust(Adjustment("k", charged(DAILY), 7))
+    state = rig.face.peek("k", policy)[0]
+    assert state.remaining == 0
+    assert not rig.face.hit(HitRequest("k", policy, cost=1)).allowed
+    rig.face.adjust(Adjustment("k", charged(DAILY), -100))
+    assert rig.face.peek("k", policy)[0].remaining == 10
+    assert rig.face.hit(HitRequest("k", policy, cost=10)).allowed
+
+
+def test_adjust_unknown_bucket_and_zero_reservation(rig: Rig) -> None:
+    """A refund to nothing stays nothing; a charge after a 0-unit reservation counts."""
+    policy = LimitPolicy(quotas=(DAILY,))
+    rig.face.adjust(Adjustment("nobody", charged(DAILY), -3))
+    assert rig.face.peek("nobody", policy)[0].remaining == 10
+    assert rig.face.hit(HitRequest("k", policy, cost=0)).allowed
+    rig.face.adjust(Adjustment("k", charged(DAILY), 4))
+    rig.face.adjust(Adjustment("k", charged(DAILY), 0))
+    rig.face.adjust(Adjustment("k", (), -4))
+    assert used(rig.face.peek("k", policy), "daily") == 4
+
+
+def test_adjust_after_rollover_leaves_the_new_period(rig: Rig) -> None:
+    """A refund for yesterday's admission credits nothing today; a late charge bills nothing."""
+    policy = LimitPolicy(quotas=(DAILY, MONTHLY))
+    assert rig.face.hit(HitRequest("k", policy, cost=8)).allowed
+    rig.clock.advance(12 * 3600)  # 00:00 UTC, January 16th
+    assert rig.face.hit(HitRequest("k", policy, cost=2)).allowed
+    rig.face.adjust(Adjustment("k", charged(DAILY, MONTHLY), -8))
+    assert [used(rig.face.peek("k", policy), n) for n in ("daily", "monthly")] == [2, 2]
+    rig.face.adjust(Adjustment("k", charged(DAILY, MONTHLY), 5))
+    assert [used(rig.face.peek("k", policy), n) for n in ("daily", "monthly")] == [2, 7]
+
+
+def test_adjust_scopes_and_shared_counters(rig: Rig) -> None:
+    """Each scope's counter moves apart; quotas of one shape share a counter, moved once."""
+    service = Quota("svc-daily", 50, QuotaPeriod.DAY, "svc:chat")
+    twin = Quota("daily-twin", 20, QuotaPeriod.DAY)
+    policy = LimitPolicy(quotas=(DAILY, twin, service))
+    assert rig.face.hit(HitRequest("k", policy, cost=6)).allowed
+    assert [used(rig.face.peek("k", policy), n) for n in ("daily", "daily-twin")] == [6, 6]
+    rig.face.adjust(Adjustment("k", charged(DAILY, twin), -4))
+    assert [used(rig.face.peek("k", policy), n) for n in ("daily", "daily-twin", "svc-daily")] == [
+        2,
+        2,
+        6,
+    ]
+    rig.face.adjust(Adjustment("k", charged(service), -6))
+    assert used(rig.face.peek("k", policy), "svc-daily") == 0
+
+
+def test_adjust_is_atomic_under_concurrency(rig: Rig) -> None:
+    """40 simultaneous refunds of 1 after 40 hits of 3 units: exactly 80 units stay."""
+    quota = Quota("daily", 1000, QuotaPeriod.DAY)
+    policy = LimitPolicy(quotas=(quota,))
+    assert all(a.allowed for a in rig.face.hit_many([HitRequest("k", policy, cost=3)] * 40))
+    rig.face.adjust_many([Adjustment("k", charged(quota), -1)] * 40)
+    assert used(rig.face.peek("k", policy), "daily") == 80
+
+
+def test_adjust_refuses_a_delta_that_is_no_whole_number(rig: Rig) -> None:
+    """A delta of another type is a programming error, not a silent no-op."""
+    with pytest.raises(ValueError, match="whole number"):
+        rig.face.adjust(Adjustment("k", charged(DAILY), True))
+    with pytest.raises(ValueError, match="whole number"):
+        rig.face.adjust(Adjustment("k", charged(DAILY), 1.5))  # type: ignore[arg-type]
 
 
 # -- backends whose windows follow the injected clock -------------------------------

@@ -204,11 +204,11 @@ def _sentinel(
     if sentinel_password is not None:
         asking["password"] = sentinel_password
     master = {**options, **auth, "db": int(db), "max_connections": size}
-    # redis-py leaves Sentinel untyped; master_for gives a Redis of each kind.
+    # master_for gives a Redis of each kind.
     sync_asking, async_asking = {**asking, "retry": sync_retry}, {**asking, "retry": async_retry}
-    watch = redis.sentinel.Sentinel(hosts, sentinel_kwargs=sync_asking)  # type: ignore[no-untyped-call]
-    awatch = redis.asyncio.sentinel.Sentinel(hosts, sentinel_kwargs=async_asking)  # type: ignore[no-untyped-call]
-    sync: redis.Redis = watch.master_for(service, retry=sync_retry, **master)  # type: ignore[no-untyped-call]
+    watch = redis.sentinel.Sentinel(hosts, sentinel_kwargs=sync_asking)
+    awatch = redis.asyncio.sentinel.Sentinel(hosts, sentinel_kwargs=async_asking)
+    sync: redis.Redis = watch.master_for(service, retry=sync_retry, **master)
     aio: redis.asyncio.Redis = awatch.master_for(service, retry=async_retry, **master)
     return sync, aio
 

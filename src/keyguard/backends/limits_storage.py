@@ -17,6 +17,16 @@ Concurrency slots live in this process (an in-process :class:`MemoryRateStore`),
 because ``limits`` has no leases: with several workers, each caps its own requests.
 ``limits``' own ``memory://`` storage starts a timer thread; it suits tests, while one
 process is better served by :class:`MemoryRateStore` itself.
+
+**Settling reserved units** (:meth:`LimitsRateStore.adjust`) uses the one atomic
+counter operation ``limits`` offers every storage, ``incr``. A quota counter's key
+names its period, so a refund after a rollover cannot reach the new period's counter.
+A refund is an ``incr`` by a negative amount (or the storage's own ``decr``, which
+stops at zero, where it has one); when a refund meets a counter that holds less than
+the refund (it was reset meanwhile), the counter can dip below zero until a second
+``incr`` brings it back: for that instant it reads as more remaining than the limit.
+Storages whose ``incr`` takes no negative amount (memcached) cannot refund at all:
+the refund raises :class:`StorageError` (the guard logs it), while extra charges work.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 from urllib.parse import quote
@@ -38,6 +48,7 @@ from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateL
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, StorageError
 from ..limiting import (
+    Adjustment,
     Admission,
     HitRequest,
     LimitKind,
@@ -111,6 +122,9 @@ class LimitsRateStore:
         except NotImplementedError as exc:
             raise ConfigurationError(f"this limits storage cannot run {strategy}") from exc
         self._storage = storage
+        # limits' Storage has no decr; where a storage has one, a refund stops at zero.
+        decr = getattr(storage, "decr", None)
+        self._decr: Callable[[str, int], object] | None = decr if callable(decr) else None
         base = storage.base_exceptions
         self._errors: tuple[type[Exception], ...] = (
             LimitsStorageError,
@@ -245,12 +259,43 @@ class LimitsRateStore:
                     state.name, state.kind, state.limit, 0, state.reset_after, state.window_seconds
                 )
                 return Admission(False, tuple(states), denied_by=full, retry_after=retry)
-        for quota in quotas if request.cost else []:
-            self._storage.incr(quota.key, quota.ttl + _QUOTA_MARGIN, amount=request.cost)
+        # Quotas of one shape (period and scope) share a counter: charged once.
+        ttls = {quota.key: quota.ttl for quota in quotas} if request.cost else {}
+        for key, ttl in ttls.items():
+            self._storage.incr(key, ttl + _QUOTA_MARGIN, amount=request.cost)
         return Admission(True, tuple(_charged(s, request.cost) for s in states))
 
     def release(self, bucket: str, lease: str) -> None:
         self._slots.release(bucket, lease)
+
+    def adjust(self, adjustment: Adjustment) -> None:
+        """Settle quota counters, one ``incr`` each (see the module docstring)."""
+        delta = adjustment.delta
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise ValueError("an adjustment's delta must be a whole number")
+        if not delta:
+            return
+        wall, seen = self._clock.now(), set()
+        with self._storage_errors("adjust a quota"):
+            for charge in adjustment.charges:
+                period, _, end = current_period(wall, charge.period)
+                shape = (charge.period, charge.scope)
+                if shape in seen or period != charge.period_id:
+                    continue  # shared counters move once; a past period stays as it was
+                seen.add(shape)
+                key = f"{self._ns}q/{_part(charge.scope)}/{_part(adjustment.bucket)}/{period}"
+                self._move(key, delta, math.ceil(max(0.0, end - wall)) + _QUOTA_MARGIN)
+
+    def _move(self, key: str, delta: int, ttl: int) -> None:
+        storage = self._storage
+        if delta < 0 and self._decr is not None:
+            self._decr(key, -delta)  # stops at zero, atomically
+            return
+        if delta < 0 and not storage.get(key):
+            return  # nothing charged any more (expired or reset): nothing to give back
+        total = storage.incr(key, ttl, amount=delta)
+        if total < 0:  # the counter held less than the refund: back to zero
+            storage.incr(key, ttl, amount=-total)
 
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         with self._storage_errors("read a bucket"):
@@ -286,6 +331,9 @@ class LimitsRateStore:
 
     async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         return await asyncio.to_thread(self.peek, bucket, policy)
+
+    async def aadjust(self, adjustment: Adjustment) -> None:
+        await asyncio.to_thread(self.adjust, adjustment)
 
     async def areset(self, bucket: str) -> None:
         await asyncio.to_thread(self.reset, bucket)

@@ -25,13 +25,14 @@ from typing import Any, ClassVar
 from .._state import to_ms
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError
-from ..limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState
+from ..limiting import Adjustment, Admission, HitRequest, LimitKind, LimitPolicy, LimitState
 from ..windows import (
     DEFAULT_LEASE_TTL,
     DEFAULT_SLOTS,
     Bucket,
     Now,
     Tuning,
+    adjust_quotas,
     decide,
     idle_at,
     inspect,
@@ -147,6 +148,29 @@ class MemoryRateStore:
             if entry is not None and release(entry, lease) and entry.is_empty():
                 del self._entries[bucket]
 
+    def adjust(self, adjustment: Adjustment) -> None:
+        """Settle quota counters under the lock (see :class:`~keyguard.limiting.Adjustment`).
+
+        A charge to a bucket that holds nothing (it expired, or reserved 0 units) starts
+        one, unless the table is full of live buckets: then the charge is dropped
+        rather than evicting a live counter, the same trade as a hit's.
+        """
+        if not adjustment.delta or not adjustment.charges:
+            return
+        with self._lock:
+            now = Now(self._clock.monotonic(), self._clock.now())
+            bucket = adjustment.bucket
+            entry = self._entries.get(bucket)
+            if entry is not None:
+                adjust_quotas(entry, adjustment, now)  # its heap row may now come up early
+                if entry.is_empty():
+                    del self._entries[bucket]
+                return
+            entry = _Entry()
+            if adjust_quotas(entry, adjustment, now) and self._room(now):
+                self._entries[bucket] = entry
+                self._queue(bucket, entry)
+
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         with self._lock:
             entry = self._entries.get(bucket)
@@ -172,6 +196,9 @@ class MemoryRateStore:
 
     async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         return self.peek(bucket, policy)
+
+    async def aadjust(self, adjustment: Adjustment) -> None:
+        self.adjust(adjustment)
 
     async def areset(self, bucket: str) -> None:
         self.reset(bucket)

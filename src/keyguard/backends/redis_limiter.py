@@ -37,22 +37,35 @@ import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.resources import files
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import redis
 import redis.asyncio.cluster
 from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
+from .._state import period_named
 from ..clock import Clock
 from ..errors import ConfigurationError, StorageError, shown
-from ..limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState
+from ..limiting import Adjustment, Admission, HitRequest, LimitKind, LimitPolicy, LimitState
 from ..windows import DEFAULT_LEASE_TTL, DEFAULT_SLOTS, Tuning
 from ._redis_client import AsyncClient, CircuitBreaker, SyncClient, redis_clients
 
 __all__ = ["ADMIT_SCRIPT", "RedisRateStore"]
 
-ADMIT_SCRIPT: Final = files(__package__).joinpath("lua", "admit.lua").read_text("utf-8")
-_SHA: Final = hashlib.sha1(ADMIT_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+
+class _Script(NamedTuple):
+    source: str
+    sha: str
+
+
+def _script(name: str) -> _Script:
+    source = files(__package__).joinpath("lua", name).read_text("utf-8")
+    return _Script(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
+_ADMIT: Final = _script("admit.lua")
+_ADJUST: Final = _script("adjust.lua")
+ADMIT_SCRIPT: Final = _ADMIT.source
 _WINDOW, _QUOTA, _SLOTS = LimitKind.WINDOW, LimitKind.QUOTA, LimitKind.CONCURRENCY
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # no braces: the prefix sits in a hash tag
 _MAX_PLANS = 4096
@@ -311,21 +324,37 @@ class RedisRateStore:
                 self._unmapped = False
             return await call()
 
-    def _eval(self, operands: list[str | int]) -> list[int]:
+    def _eval(self, operands: list[str | int], script: _Script = _ADMIT) -> Any:  # noqa: ANN401
         client = self._client
         try:
-            reply: list[int] = client.evalsha(_SHA, *operands)  # type: ignore[arg-type]
+            return client.evalsha(script.sha, *operands)  # type: ignore[arg-type]
         except NoScriptError:  # the script did not run: EVAL runs it and caches it again
-            reply = client.eval(ADMIT_SCRIPT, *operands)  # type: ignore[arg-type]
-        return reply
+            return client.eval(script.source, *operands)  # type: ignore[arg-type]
 
-    async def _aeval(self, operands: list[str | int]) -> list[int]:
+    async def _aeval(self, operands: list[str | int], script: _Script = _ADMIT) -> Any:  # noqa: ANN401 - the script's reply, read by its caller
         client = self._aclient
         try:
-            reply: list[int] = await client.evalsha(_SHA, *operands)  # type: ignore[arg-type]
+            return await client.evalsha(script.sha, *operands)  # type: ignore[arg-type]
         except NoScriptError:
-            reply = await client.eval(ADMIT_SCRIPT, *operands)  # type: ignore[arg-type]
-        return reply
+            return await client.eval(script.source, *operands)  # type: ignore[arg-type]
+
+    def _adjust_call(self, adjustment: Adjustment) -> list[str | int] | None:
+        """``adjust.lua``'s operands, or ``None`` when there is nothing to send."""
+        delta = adjustment.delta
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise ValueError("an adjustment's delta must be a whole number")
+        args: list[str | int] = []
+        seen: set[str] = set()
+        for charge in adjustment.charges if delta else ():
+            field = f"{charge.period.value}:{charge.scope}"
+            if field not in seen:  # quotas of one shape share a counter, moved once
+                seen.add(field)
+                period = period_named(charge.period, charge.period_id)
+                args += [field, period.key, round(period.start), round(period.end)]
+        if not args:
+            return None
+        wall = "" if self._clock is None else str(round(self._clock.now() * 1_000_000))
+        return [1, self._keys(adjustment.bucket)[1], wall, delta, self._pad, *args]
 
     # sync face
 
@@ -346,6 +375,15 @@ class RedisRateStore:
         plan = self._plan(policy)
         operands = self._call("peek", bucket, plan)
         return plan.states(self._run("read a bucket", lambda: self._eval(operands)))
+
+    def adjust(self, adjustment: Adjustment) -> None:
+        """Settle quota counters: one ``EVALSHA`` of ``lua/adjust.lua``, one round trip.
+
+        Not retried, like a hit: a retry after a timed-out reply could refund twice.
+        """
+        operands = self._adjust_call(adjustment)
+        if operands is not None:
+            self._run("adjust a quota", lambda: self._eval(operands, _ADJUST))
 
     def eviction_policy(self) -> str | None:
         """The server's ``maxmemory-policy``, or ``None`` when it cannot be read.
@@ -395,6 +433,11 @@ class RedisRateStore:
         plan = self._plan(policy)
         operands = self._call("peek", bucket, plan)
         return plan.states(await self._arun("read a bucket", lambda: self._aeval(operands)))
+
+    async def aadjust(self, adjustment: Adjustment) -> None:
+        operands = self._adjust_call(adjustment)
+        if operands is not None:
+            await self._arun("adjust a quota", lambda: self._aeval(operands, _ADJUST))
 
     async def areset(self, bucket: str) -> None:
         keys = self._keys(bucket)

@@ -33,7 +33,7 @@ from typing import Any
 from .._state import period_named
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError, StorageError
-from ..limiting import Admission, HitRequest, LimitPolicy, LimitState, QuotaPeriod
+from ..limiting import Adjustment, Admission, HitRequest, LimitPolicy, LimitState, QuotaPeriod
 from ..windows import (
     DEFAULT_LEASE_TTL,
     DEFAULT_SLOTS,
@@ -42,6 +42,7 @@ from ..windows import (
     Now,
     Tuning,
     Usage,
+    adjust_quotas,
     decide,
     idle_at,
     inspect,
@@ -265,6 +266,17 @@ class SQLiteRateStore:
             if release(state, lease):
                 self._save(conn, bucket, state, self._now())
 
+    def adjust(self, adjustment: Adjustment) -> None:
+        """Settle quota counters in one transaction (see :class:`~keyguard.limiting.Adjustment`)."""
+        if not adjustment.delta or not adjustment.charges:
+            return
+        with self._db.write("adjust a quota") as conn:
+            now = self._now()
+            state = self._load(conn, adjustment.bucket)
+            adjust_quotas(state, adjustment, now)
+            if state.dirty:
+                self._save(conn, adjustment.bucket, state, now)
+
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         conn = self._db.get()
         with _storage_errors("read a bucket"):
@@ -289,6 +301,9 @@ class SQLiteRateStore:
 
     async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         return await asyncio.to_thread(self.peek, bucket, policy)
+
+    async def aadjust(self, adjustment: Adjustment) -> None:
+        await asyncio.to_thread(self.adjust, adjustment)
 
     async def areset(self, bucket: str) -> None:
         await asyncio.to_thread(self.reset, bucket)
