@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from functools import lru_cache
 
@@ -12,7 +13,15 @@ from .iprules import IPAddress, IPAllowList
 from .request import RequestInfo
 from .telemetry import Telemetry, default_telemetry
 
-__all__ = ["allowed", "in_process", "internal_error", "ip_text", "is_preflight", "telemetry_for"]
+__all__ = [
+    "allowed",
+    "in_process",
+    "internal_error",
+    "ip_text",
+    "is_preflight",
+    "safe_request_id",
+    "telemetry_for",
+]
 
 _logger = logging.getLogger("keyguard")
 
@@ -64,3 +73,11 @@ def telemetry_for(option: Telemetry | bool | None) -> Telemetry | None:
 def in_process(store: object) -> bool:
     """Whether a store declares ``in_process = True``: its methods never block."""
     return getattr(store, "in_process", False) is True
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def safe_request_id(value: bytes) -> str | None:
+    """A client's request id fit for a log: 1-64 of ``A-Za-z0-9._:-``, else ``None``."""
+    return value.decode("ascii") if _REQUEST_ID.fullmatch(value) else None

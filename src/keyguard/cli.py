@@ -5,6 +5,8 @@
     keyguard keys create --name ci --scopes text:generate --json
     keyguard keys list --status active
     keyguard keys rotate key_... --grace 1h --json
+    keyguard usage key_... --since 24h --by service
+    keyguard errors key_... --limit 20
 
 Settings come from :func:`keyguard.settings.load_settings` (TOML file, ``.env``,
 ``KEYGUARD_*`` variables); ``--storage-url`` and ``--config`` override them.
@@ -39,7 +41,7 @@ from typing import Any, TypeAlias
 
 from pydantic import ValidationError
 
-from . import __version__
+from . import __version__, _cli_usage
 from . import _cli_output as out
 from .clock import utcnow
 from .errors import (
@@ -251,6 +253,18 @@ def _delete(args: argparse.Namespace, session: Session) -> int:
     return EXIT_OK
 
 
+def _usage(args: argparse.Namespace, session: Session) -> int:
+    record = session.manager.get(args.id)
+    _cli_usage.show_usage(args, session.settings, record, session.now(), as_json=session.as_json)
+    return EXIT_OK
+
+
+def _errors(args: argparse.Namespace, session: Session) -> int:
+    record = session.manager.get(args.id)
+    _cli_usage.show_errors(args, session.settings, record, as_json=session.as_json)
+    return EXIT_OK
+
+
 # --- parser --------------------------------------------------------------------------
 
 
@@ -367,7 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     keys = keys_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for add in (_add_create, _add_list, _add_by_id, _add_update):
         add(keys, common)
+    _add_usage(commands, common)
     return parser
+
+
+def _add_usage(commands: _Commands, common: argparse.ArgumentParser) -> None:
+    usage = commands.add_parser(
+        "usage", parents=[common], help="a key's calls, errors, latency and limits"
+    )
+    usage.add_argument("id", metavar="KEY_ID")
+    usage.add_argument("--since", default="24h", help="a duration before now (24h, 30d)")
+    usage.add_argument("--until", help="a duration before now (default: now)")
+    usage.add_argument("--granularity", choices=("minute", "hour", "day"))
+    usage.add_argument("--by", choices=("service",), help="one series per service")
+    usage.set_defaults(handler=_usage)
+    errors = commands.add_parser("errors", parents=[common], help="a key's recent errors")
+    errors.add_argument("id", metavar="KEY_ID")
+    errors.add_argument("--limit", type=int, default=50, metavar="N", help="entries (1-1000)")
+    errors.set_defaults(handler=_errors)
 
 
 # --- running -------------------------------------------------------------------------

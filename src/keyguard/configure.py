@@ -17,6 +17,7 @@ from .oauth.claims import TokenValidator
 from .proxies import TrustedProxies
 from .scopes import RouteMap, RouteRule
 from .settings import KeyGuardSettings
+from .usage.recorder import UsageRecorder
 
 __all__ = ["build_guard", "limiter_url_for"]
 
@@ -43,12 +44,15 @@ def build_guard(
     public: tuple[str, ...] = (),
     clock: Clock | None = None,
     tokens: TokenValidator | None = None,
+    usage: UsageRecorder | None = None,
 ) -> Guard:
     """A guard configured by ``settings``; stores are opened unless given.
 
     ``rules`` map routes to the scopes they need; ``public`` and
     ``settings.public_paths`` are served without a key; ``tokens`` validates OAuth
-    access tokens in the bearer slot. The caller owns the stores and closes them.
+    access tokens in the bearer slot. The caller owns the stores and closes them,
+    except the usage store opened here, which the recorder closes with itself
+    (``guard.usage.close()``; the ASGI middleware does it on lifespan shutdown).
     """
     proxies = TrustedProxies(hops=settings.trusted_proxy_hops, networks=settings.trusted_proxies)
     public_paths = (*public, *settings.public_paths)
@@ -61,6 +65,15 @@ def build_guard(
         limiter = open_rate_store(url, **limiter_options)
         _warn_if_per_worker(url)
         _warn_if_evicting(limiter)
+    if usage is None and settings.usage_enabled:
+        usage = UsageRecorder(
+            settings.open_usage_store(),
+            clock=clock,
+            flush_interval=settings.usage_flush_interval,
+            error_log_size=settings.usage_error_log_size,
+            retention=settings.usage_retention(),
+            owns_store=True,
+        )
     return Guard(
         keys=keys if keys is not None else settings.open_store(),
         limiter=limiter,
@@ -82,6 +95,7 @@ def build_guard(
         deny_ips=settings.deny_ips,
         tokens=tokens,
         default_plan=settings.default_plan,
+        usage=usage,
     )
 
 

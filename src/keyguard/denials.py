@@ -105,7 +105,9 @@ class Denial:
 
     ``detail`` is a fixed, safe phrase appended to the message (a scope name, a
     window name), ``retry_after`` seconds (rounded up, at least 1), and ``headers``
-    any extra headers such as the limit state.
+    any extra headers such as the limit state. ``key_id``, ``owner`` and ``service``
+    name the key refused, once the caller proved its secret (for usage and logs;
+    never rendered).
     """
 
     code: str
@@ -113,6 +115,9 @@ class Denial:
     scope: str | None = None
     retry_after: float | None = None
     headers: tuple[tuple[bytes, bytes], ...] = field(default=())
+    key_id: str | None = field(default=None, compare=False)
+    owner: str | None = field(default=None, compare=False)
+    service: str | None = field(default=None, compare=False)
 
     @property
     def status(self) -> int:

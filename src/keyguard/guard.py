@@ -9,9 +9,11 @@ touch storage: the key lookup and the single atomic limiter call.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -24,6 +26,7 @@ from ._guard_support import (
     internal_error,
     ip_text,
     is_preflight,
+    safe_request_id,
     telemetry_for,
 )
 from .backends.memory_limiter import MemoryRateStore
@@ -31,14 +34,24 @@ from .backends.protocols import KeyBackend
 from .clock import Clock, SystemClock, utcnow
 from .codec import isoformat
 from .credentials import Credential, CredentialConfig, MalformedCredential, extract_credential
-from .decisions import Allow, Decision, Headers, Identity, Lease
+from .decisions import Allow, Charge, Decision, Headers, Identity, Lease
 from .denials import Denial, deny
 from .errors import ConfigurationError, InvalidCredential, StorageError
 from .flows import Op, run_async, run_sync
 from .iprules import IPAddress, IPDenyList
 from .keys import KeyFormat, KeyHasher
 from .lifecycle import check_secret
-from .limiting import Admission, HitRequest, LimitKind, LimitPolicy, LimitState, RateBackend, Window
+from .limiting import (
+    Adjustment,
+    Admission,
+    HitRequest,
+    LimitKind,
+    LimitPolicy,
+    LimitState,
+    QuotaAdjuster,
+    RateBackend,
+    Window,
+)
 from .oauth.claims import InvalidToken, TokenClaims, TokenUnavailable, TokenValidator, scope_covers
 from .plans import DEFAULT_PLANS, Plan, ServiceLimits, resolve_policy
 from .proxies import TrustedProxies
@@ -47,6 +60,8 @@ from .records import KeyRecord, KeyStatus
 from .request import RequestInfo
 from .scopes import RouteMap, scope_allows
 from .telemetry import CheckObservation, Telemetry
+from .usage.recorder import UsageRecorder
+from .usage.records import UsageEvent
 
 __all__ = ["Allow", "Decision", "Guard", "Identity", "Lease"]
 
@@ -102,6 +117,10 @@ class Guard:
         uses the global providers, which cost next to nothing until an SDK is
         configured; pass a :class:`~keyguard.telemetry.Telemetry` for other
         providers, ``None`` or ``False`` for none.
+    :param usage: where finished requests of known keys are recorded (see
+        :mod:`keyguard.usage`): the adapters report each allowed request when its
+        response ends, the guard each refusal of a key whose secret was proved.
+        Recording is a queue append; a background thread aggregates and writes.
 
     An unexpected exception while deciding (a bug, a misbehaving custom store or
     hasher) becomes a generic ``500 internal_error``; the log records the exception's
@@ -135,6 +154,7 @@ class Guard:
         token_plan: str = "free",  # noqa: S107 - a plan name, not a password
         telemetry: Telemetry | bool | None = True,
         default_plan: str = "free",
+        usage: UsageRecorder | None = None,
     ) -> None:
         if on_limiter_error not in {"deny", "allow"}:
             raise ConfigurationError("on_limiter_error must be 'deny' or 'allow'")
@@ -173,6 +193,10 @@ class Guard:
         self.realm = realm
         self.allow_preflight = bool(allow_preflight)
         self.telemetry = telemetry_for(telemetry)
+        if usage is not None and not isinstance(usage, UsageRecorder):
+            raise ConfigurationError("usage must be a UsageRecorder (keyguard.usage)")
+        self.usage = usage
+        self._request_ids = itertools.count()
         # Stores that live in this process never wait on I/O: the async face can call
         # their sync methods directly, with no coroutine, task or shield per request.
         self.inline = (
@@ -194,6 +218,7 @@ class Guard:
         self, request: RequestInfo, *, scope: str | None = None, cost: int | None = None
     ) -> Decision:
         """Decide on ``request`` with blocking I/O (WSGI, scripts)."""
+        started = time.perf_counter()
         seen = None if self.telemetry is None else self.telemetry.begin()
         decision: Decision | None = None
         try:
@@ -203,6 +228,8 @@ class Guard:
         finally:
             if seen is not None:
                 seen.finish(decision)
+        if type(decision) is Denial and decision.key_id is not None:
+            self._refused(request, decision, started)
         return decision
 
     async def acheck(
@@ -211,6 +238,7 @@ class Guard:
         """Decide on ``request`` without blocking the event loop (ASGI)."""
         if self.inline:
             return self.check(request, scope=scope, cost=cost)
+        started = time.perf_counter()
         seen = None if self.telemetry is None else self.telemetry.begin()
         decision: Decision | None = None
         try:
@@ -220,7 +248,68 @@ class Guard:
         finally:
             if seen is not None:  # a cancelled check ends its span with no decision
                 seen.finish(decision)
+        if type(decision) is Denial and decision.key_id is not None:
+            self._refused(request, decision, started)
         return decision
+
+    def finished(self, request: RequestInfo, allow: Allow, status: int, started: float) -> None:
+        """Record an allowed request whose response ended with ``status``.
+
+        ``started`` is the ``time.perf_counter()`` reading taken before the check, so
+        the latency covers keyguard and the app. Adapters call this once per response;
+        a request on a public path (no identity) records nothing.
+        """
+        usage, identity = self.usage, allow.identity
+        if usage is None or identity is None:
+            return
+        usage.record(
+            UsageEvent(
+                self.clock.now(),
+                identity.key_id,
+                identity.owner,
+                identity.service,
+                request.method,
+                request.route_id or request.path,
+                status,
+                time.perf_counter() - started,
+                allow.cost,
+                None,
+                identity.client_ip,
+                self._request_id(request),
+                identity.limits,
+            )
+        )
+
+    def _refused(self, request: RequestInfo, denial: Denial, started: float) -> None:
+        """Record the refusal of a key that proved its secret (see ``finished``)."""
+        if self.usage is None or denial.key_id is None:
+            return
+        client = self.proxies.client_ip(request)
+        self.usage.record(
+            UsageEvent(
+                self.clock.now(),
+                denial.key_id,
+                denial.owner,
+                denial.service,
+                request.method,
+                request.route_id or request.path,
+                denial.status,
+                time.perf_counter() - started,
+                0,
+                denial.code,
+                None if client is None else ip_text(client.ip),
+                self._request_id(request),
+            )
+        )
+
+    def _request_id(self, request: RequestInfo) -> str:
+        """The client's ``X-Request-ID`` when it is a short safe token, else our own."""
+        for name, value in request.headers:
+            if name == b"x-request-id":
+                text = safe_request_id(value)
+                if text is not None:
+                    return text
+        return f"kg-{self._lease_prefix}-{next(self._request_ids):x}"
 
     def release(self, lease: Lease) -> None:
         """Give a concurrency slot back; harmless to call twice.
@@ -246,6 +335,92 @@ class Guard:
 
     def _release_failed(self, lease: Lease) -> None:
         _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
+        if self.telemetry is not None:
+            self.telemetry.storage_error("limits")
+
+    # reserve and settle
+
+    def settle(self, identity: Identity, used: int) -> None:
+        """Settle what the admission of ``identity`` reserved to the ``used`` units.
+
+        An app that cannot know a request's cost up front (tokens, say) reserves the
+        most it may cost at admission, ``check(request, cost=max_tokens)``, and settles
+        to the real count when the response or stream ends: ``charged - used`` goes
+        back to every quota the admission charged (the key's and the service's, in the
+        UTC day or month it charged, never the next one), or the extra is charged when
+        ``used`` is larger, never refusing (the work is done; the quota may then read
+        over its limit, its ``remaining`` clamped at 0). Give ``used=0`` to refund the
+        whole reservation, after a provider error say. Windows count requests, not
+        units, and are left alone.
+
+        **Once per admission**: the identity carries a single-use handle
+        (:class:`~keyguard.decisions.Charge`), and only the first settlement of it
+        applies, whichever thread or task calls; later calls do nothing. An identity
+        with nothing to settle (no quota charged, no limiter, or a limiter that
+        failed open) is a no-op. A limit store that fails is logged and counted,
+        never raised: the response is served; the reservation then stands.
+
+        :raises ValueError: if ``used`` is not a whole number >= 0.
+
+        .. versionadded:: 0.1
+        """
+        adjustment = self._settlement(identity, used)
+        if adjustment is None or self.backends.limiter is None:
+            return
+        if not isinstance(self.backends.limiter, QuotaAdjuster):
+            self._settle_failed(None)
+            return
+        try:
+            self.backends.limiter.adjust(adjustment)
+        except StorageError as exc:
+            self._settle_failed(exc)
+
+    async def asettle(self, identity: Identity, used: int) -> None:
+        """The async :meth:`settle`, safe to call from any task.
+
+        The store call is shielded: an app whose task is cancelled (a client that went
+        away mid-stream) still settles, and the cancellation goes on afterwards.
+        """
+        if self.inline:
+            self.settle(identity, used)
+            return
+        adjustment = self._settlement(identity, used)
+        limiter = self.backends.limiter
+        if adjustment is None or limiter is None:
+            return
+        if not isinstance(limiter, QuotaAdjuster):
+            self._settle_failed(None)
+            return
+
+        async def adjust() -> None:
+            try:
+                await limiter.aadjust(adjustment)
+            except StorageError as exc:
+                self._settle_failed(exc)
+
+        task = asyncio.ensure_future(adjust())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+
+    @staticmethod
+    def _settlement(identity: Identity, used: int) -> Adjustment | None:
+        """The adjustment settling ``identity``, or ``None`` when there is none to make;
+        spends the identity's handle."""
+        if isinstance(used, bool) or not isinstance(used, int) or used < 0:
+            raise ValueError("used must be a whole number of units >= 0")
+        charge = identity.charge
+        if charge is None or not charge.spend() or used == charge.units:
+            return None
+        return charge.adjustment(used)
+
+    def _settle_failed(self, exc: StorageError | None) -> None:
+        if exc is None:  # a custom limiter without QuotaAdjuster: cannot settle
+            _logger.warning("keyguard's limiter cannot settle units (no QuotaAdjuster)")
+        else:  # the type only: a message may hold request data
+            _logger.warning("keyguard could not settle units: %s", type(exc).__name__)
         if self.telemetry is not None:
             self.telemetry.storage_error("limits")
 
@@ -297,7 +472,14 @@ class Guard:
         method = "oauth" if token else credential.method
         if seen is not None:
             seen.key_id, seen.method = record.id, method
-        return (yield from self._admit(record, method, needed, cost, ip, seen=seen))
+        decision = yield from self._admit(record, method, needed, cost, ip, seen=seen)
+        return self._named(decision, record, needed)
+
+    def _named(self, decision: Decision, record: KeyRecord, needed: str | None) -> Decision:
+        """A refusal of a proved key names it, when usage is recorded (see ``Denial``)."""
+        if self.usage is not None and type(decision) is Denial:
+            return replace(decision, key_id=record.id, owner=record.owner, service=needed)
+        return decision
 
     def _authenticate(
         self, credential: Credential, ip: IPAddress | None
@@ -317,9 +499,13 @@ class Guard:
         except InvalidCredential as exc:
             if record is None or exc.reason in {"unknown", "rotated"}:
                 self._failed(ip)
+            code = "invalid_api_key"
             if self.reveal_key_status and exc.reason in {"expired", "revoked"}:
-                return deny(f"api_key_{exc.reason}")
-            return deny("invalid_api_key")
+                code = f"api_key_{exc.reason}"
+            if self.usage is not None and record is not None and exc.reason != "unknown":
+                # The caller proved this key's secret: its owner sees the refusal.
+                return deny(code, key_id=record.id, owner=record.owner)
+            return deny(code)
 
     # the token path
 
@@ -409,7 +595,7 @@ class Guard:
             return deny("plan_not_available")
         policy = resolve_policy(plan, record.limits, needed, service)
         states: tuple[LimitState, ...] = ()
-        lease = None
+        lease = charge = None
         if limiter is not None and not policy.is_empty():
             lease_id = (
                 f"{self._lease_prefix}{next(self._lease_ids):x}"
@@ -423,15 +609,19 @@ class Guard:
                     return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
                 if seen is not None:
                     seen.fault = "limits"
-                return Allow(self._identity(record, method, (), needed, ip), extra, None, units)
+                unlimited = self._identity(record, method, (), needed, ip, units=units)
+                return Allow(unlimited, extra, None, units)
             if not admission.allowed:
                 if seen is not None:
                     seen.limits = admission.states
                 return self._refusal(admission, extra)
             states = admission.states
             lease = None if lease_id is None else Lease(record.id, lease_id)
+            if policy.quotas:  # the handle settle() uses, with the periods just charged
+                charge = Charge(record.id, policy, states, units, self.clock.now())
         headers = tuple(limit_headers(states)) + extra
-        return Allow(self._identity(record, method, states, needed, ip), headers, lease, units)
+        identity = self._identity(record, method, states, needed, ip, units=units, charge=charge)
+        return Allow(identity, headers, lease, units)
 
     # small pure helpers
 
@@ -455,6 +645,9 @@ class Guard:
         states: tuple[LimitState, ...],
         service: str | None,
         ip: IPAddress | None,
+        *,
+        units: int = 0,
+        charge: Charge | None = None,
     ) -> Identity:
         return Identity(
             key_id=record.id,
@@ -466,6 +659,8 @@ class Guard:
             client_ip=None if ip is None else ip_text(ip),
             auth_method=method,
             service=service,
+            units=units,
+            charge=charge,
         )
 
     def _expiry_header(self, record: KeyRecord) -> Headers:

@@ -52,7 +52,7 @@ from pydantic_settings import (
 )
 
 from .backends.protocols import KeyBackend, KeyStore
-from .backends.registry import open_key_store
+from .backends.registry import open_key_store, open_usage_store
 from .clock import Clock
 from .credentials import CredentialConfig, CredentialMethod
 from .errors import ConfigurationError, InvalidInput, shown
@@ -60,6 +60,8 @@ from .keys import KeyFormat, KeyHasher
 from .manager import KeyManager
 from .plans import DEFAULT_PLANS as CORE_PLANS
 from .plans import Plan
+from .usage.recorder import Retention
+from .usage.store import UsageBackend
 from .validation import parse_duration, validate_cidrs, validate_plan, validate_rate
 
 __all__ = [
@@ -197,6 +199,13 @@ class KeyGuardSettings(BaseSettings):
     :param key_cache_ttl: seconds a process may answer key lookups from its own cache
         (Redis; changes reach every process at once through pub/sub, and within this
         bound if pub/sub is lost).
+    :param usage_enabled: record usage (per key, service and minute) and error logs.
+    :param usage_url: where usage goes; by default :attr:`storage_url`.
+    :param usage_flush_interval: seconds between usage writes (what a crash can lose).
+    :param usage_error_log_size: error entries kept per key.
+    :param usage_retention_minutes: how long per-minute rows are kept.
+    :param usage_retention_hours: how long per-hour rows are kept.
+    :param usage_retention_days: how long per-day rows are kept.
 
     .. versionadded:: 0.1
     """
@@ -235,6 +244,13 @@ class KeyGuardSettings(BaseSettings):
     redis_connect_timeout: Annotated[float, Field(gt=0, le=10)] = 0.1
     redis_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64
     key_cache_ttl: Annotated[float, Field(ge=0, le=300)] = 5.0
+    usage_enabled: bool = True
+    usage_url: str | None = None
+    usage_flush_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
+    usage_error_log_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    usage_retention_minutes: timedelta = timedelta(days=2)
+    usage_retention_hours: timedelta = timedelta(days=90)
+    usage_retention_days: timedelta = timedelta(days=400)
 
     @classmethod
     def settings_customise_sources(
@@ -253,7 +269,7 @@ class KeyGuardSettings(BaseSettings):
             return sources
         return (*sources, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
 
-    @field_validator("storage_url", "limiter_url")
+    @field_validator("storage_url", "limiter_url", "usage_url")
     @classmethod
     def _storage_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -324,7 +340,14 @@ class KeyGuardSettings(BaseSettings):
             raise ValueError(f"must be at least {_MIN_PEPPER_BYTES} bytes")
         return value
 
-    @field_validator("rotation_grace", "expiry_warning", mode="before")
+    @field_validator(
+        "rotation_grace",
+        "expiry_warning",
+        "usage_retention_minutes",
+        "usage_retention_hours",
+        "usage_retention_days",
+        mode="before",
+    )
     @classmethod
     def _parse_grace(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -334,13 +357,20 @@ class KeyGuardSettings(BaseSettings):
             return int(text)
         if text.upper().startswith("P"):
             return text  # ISO-8601 (PT1H), which pydantic reads itself
-        return _checked(lambda v: parse_duration("rotation_grace", v), text)
+        return _checked(lambda v: parse_duration("duration", v), text)
 
     @field_validator("rotation_grace", "expiry_warning")
     @classmethod
     def _grace_range(cls, value: timedelta) -> timedelta:
         if value < timedelta(0):
             raise ValueError("must not be negative")
+        return value
+
+    @field_validator("usage_retention_minutes", "usage_retention_hours", "usage_retention_days")
+    @classmethod
+    def _retention_range(cls, value: timedelta) -> timedelta:
+        if not timedelta(hours=1) <= value <= timedelta(days=3650):
+            raise ValueError("must be between 1h and 3650d")
         return value
 
     @field_validator("plans", mode="before")
@@ -402,6 +432,20 @@ class KeyGuardSettings(BaseSettings):
             "pool_timeout": self.redis_connect_timeout,
             "max_connections": self.redis_max_connections,
         }
+
+    def open_usage_store(self) -> UsageBackend:
+        """A usage store for :attr:`usage_url` (else :attr:`storage_url`); the caller
+        closes it."""
+        url = self.usage_url or self.storage_url
+        return open_usage_store(url, **self.backend_options(url))
+
+    def usage_retention(self) -> Retention:
+        """The retention of usage rows, per granularity."""
+        return Retention(
+            minute=int(self.usage_retention_minutes.total_seconds()),
+            hour=int(self.usage_retention_hours.total_seconds()),
+            day=int(self.usage_retention_days.total_seconds()),
+        )
 
     def manager(
         self,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from keyguard.backends.memory import MemoryKeyStore
 from keyguard.backends.memory_limiter import MemoryRateStore
+from keyguard.backends.memory_usage import MemoryUsageStore
 from keyguard.guard import Guard
 from keyguard.limiting import LimitKind, LimitState
 from keyguard.manager import KeyManager
@@ -13,6 +14,7 @@ from keyguard.plans import Plan, resolve_policy
 from keyguard.records import LimitOverrides
 from keyguard.scopes import RouteMap, RouteRule
 from keyguard.testing import FakeClock
+from keyguard.usage.recorder import UsageRecorder
 
 PLAN = Plan("test", rate="5/second", concurrency=2)  # waits under 10 s: no Retry-After jitter
 PUBLIC = ("/health", "/openapi.json", "/docs")
@@ -31,10 +33,17 @@ class World:
     clock: FakeClock = field(default_factory=FakeClock)
     keys: MemoryKeyStore = field(default_factory=MemoryKeyStore)
     calls: list[str] = field(default_factory=list)
+    usage: UsageRecorder | None = None
 
     def __post_init__(self) -> None:
         self.limiter = MemoryRateStore(clock=self.clock)
         self.manager = KeyManager(self.keys, clock=self.clock)
+
+    def record_usage(self) -> MemoryUsageStore:
+        """Record usage from now on, in memory, timed by the world's clock."""
+        store = MemoryUsageStore()
+        self.usage = UsageRecorder(store, clock=self.clock)
+        return store
 
     def guard(self, *, declared: bool) -> Guard:
         """A guard on the shared stores; ``declared`` leaves route scopes to the app."""
@@ -45,6 +54,7 @@ class World:
             plans={self.plan.name: self.plan},
             clock=self.clock,
             auth_failures=self.auth_failures,
+            usage=self.usage,
         )
 
     def key(self, *scopes: str) -> tuple[str, str]:
@@ -63,5 +73,7 @@ class World:
         return sum(s.limit - s.remaining for s in slots)
 
     def close(self) -> None:
+        if self.usage is not None:
+            self.usage.close()
         self.limiter.close()
         self.keys.close()

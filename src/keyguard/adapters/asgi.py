@@ -12,12 +12,13 @@ raises, is cancelled or the client goes away.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..credentials import strip_credentials
 from ..denials import Denial, render
-from ..guard import Allow, Guard, Identity, Lease
+from ..guard import Allow, Guard, Identity
 from ..request import RequestInfo
 from ._common import vary_headers
 
@@ -82,15 +83,27 @@ async def send_denial(
 
 
 class _Releaser:
-    """Releases one lease exactly once, even under cancellation."""
+    """Ends one allowed request exactly once, even under cancellation: records its
+    usage (when the guard records usage) and releases its lease.
 
-    __slots__ = ("_guard", "_lease")
+    ``status`` is what the app started its response with; a response that never
+    started (the app raised, or the client went away first) is recorded as 500.
+    """
 
-    def __init__(self, guard: Guard, lease: Lease | None) -> None:
+    __slots__ = ("_allow", "_guard", "_lease", "_request", "_started", "status")
+
+    def __init__(self, guard: Guard, allow: Allow, request: RequestInfo, started: float) -> None:
         self._guard = guard
-        self._lease = lease
+        self._allow: Allow | None = allow if guard.usage is not None else None
+        self._lease = allow.lease
+        self._request = request
+        self._started = started
+        self.status = 500
 
     async def __call__(self) -> None:
+        allow, self._allow = self._allow, None
+        if allow is not None:
+            self._guard.finished(self._request, allow, self.status, self._started)
         lease, self._lease = self._lease, None
         if lease is None:
             return
@@ -125,17 +138,43 @@ class KeyGuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.pass_through(scope, receive, send)
             return
+        started = time.perf_counter()
         request = request_from_scope(scope)
         decision = await self.guard.acheck(request)
         if isinstance(decision, Denial):
             await send_denial(decision, send, realm=self.guard.realm, extra=self._vary)
             return
-        await self._call_app(scope, receive, send, request, decision)
+        await self._call_app(scope, receive, send, request, decision, started=started)
+
+    async def pass_through(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Hand a non-HTTP scope to the app; on lifespan shutdown, write pending usage.
+
+        The usage recorder is flushed before the server hears the app has shut down
+        (``lifespan.shutdown.complete``), so a graceful stop loses no counts.
+        """
+        usage = self.guard.usage
+        if scope["type"] != "lifespan" or usage is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_after_flush(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await asyncio.to_thread(usage.close)
+            await send(message)
+
+        await self.app(scope, receive, send_after_flush)
 
     async def _call_app(
-        self, scope: Scope, receive: Receive, send: Send, request: RequestInfo, allow: Allow
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: RequestInfo,
+        allow: Allow,
+        *,
+        started: float,
     ) -> None:
         child = dict(scope)
         child[SCOPE_KEY] = allow.identity
@@ -148,13 +187,16 @@ class KeyGuardMiddleware:
         # A key from the URL makes the response private (RFC 6750 §2.3) even when no
         # other header is added (vary=False, no limits): checked on its own.
         private = identity is not None and identity.auth_method == "query"
-        if not extra and not private and allow.lease is None:
+        recorded = identity is not None and self.guard.usage is not None
+        if not extra and not private and allow.lease is None and not recorded:
             await self.app(child, receive, send)
             return
-        release = _Releaser(self.guard, allow.lease)
+        release = _Releaser(self.guard, allow, request, started)
 
         async def send_with_headers(message: Message) -> None:
             kind = message["type"]
+            if kind == "http.response.start":
+                release.status = message.get("status", 200)
             if kind == "http.response.start" and (extra or private):
                 headers = [*message.get("headers", ()), *extra]
                 if private and not any(k.lower() == b"cache-control" for k, _ in headers):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -226,8 +227,9 @@ class FastAPIKeyGuardMiddleware(StarletteKeyGuardMiddleware):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = self._declared if self._scanned else self._scan(scope)
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.pass_through(scope, receive, send)
             return
+        started = time.perf_counter()
         request = request_from_scope(scope)
         needed = None
         if declared is not None:
@@ -241,7 +243,7 @@ class FastAPIKeyGuardMiddleware(StarletteKeyGuardMiddleware):
         if isinstance(decision, Denial):
             await send_denial(decision, send, realm=self.guard.realm, extra=self._vary)
             return
-        await self._call_app(scope, receive, send, request, decision)
+        await self._call_app(scope, receive, send, request, decision, started=started)
 
     def _scan(self, scope: Scope) -> RouteMap | None:
         target = scope.get("app", self._inner)

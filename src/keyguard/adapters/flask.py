@@ -17,6 +17,7 @@ wins over the same key in the mapping**; nothing is read from the environment.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
@@ -27,6 +28,7 @@ from flask.typing import ResponseReturnValue
 from ..denials import Denial, deny, render
 from ..errors import ConfigurationError
 from ..guard import Allow, Guard, Identity
+from ..request import RequestInfo
 from ..scopes import RouteRule, scope_allows
 from .wsgi import guarded_headers, request_from_environ
 
@@ -68,18 +70,27 @@ def _text(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
 
 
 class _Request:
-    """What ``after_request`` and teardown need: the decision and a once-only release."""
+    """What ``after_request`` and teardown need: the decision, and a once-only end
+    that records usage and releases the lease."""
 
-    __slots__ = ("allow", "guard")
+    __slots__ = ("allow", "guard", "info", "started", "status")
 
-    def __init__(self, guard: Guard, allow: Allow) -> None:
+    def __init__(self, guard: Guard, allow: Allow, info: RequestInfo, started: float) -> None:
         self.guard: Guard | None = guard
         self.allow = allow
+        self.info = info
+        self.started = started
+        self.status = 500  # what Flask answers when the view raised
 
     def release(self) -> None:
         guard, self.guard = self.guard, None
-        if guard is not None and self.allow.lease is not None:
-            guard.release(self.allow.lease)
+        if guard is None:
+            return
+        try:
+            guard.finished(self.info, self.allow, self.status, self.started)
+        finally:
+            if self.allow.lease is not None:
+                guard.release(self.allow.lease)
 
 
 class KeyGuardFlask:
@@ -144,6 +155,7 @@ class KeyGuardFlask:
 
 
 def _before(settings: _Settings) -> Response | None:
+    started = time.perf_counter()
     view = current_app.view_functions.get(request.endpoint or "")
     info = request_from_environ(request.environ, settings.wanted)
     if request.url_rule is not None:
@@ -152,7 +164,7 @@ def _before(settings: _Settings) -> Response | None:
     if isinstance(decision, Denial):
         return settings.refusal(decision)
     g.keyguard = decision.identity
-    setattr(g, _STATE, _Request(settings.guard, decision))
+    setattr(g, _STATE, _Request(settings.guard, decision, info, started))
     return None
 
 
@@ -164,7 +176,8 @@ def _after(settings: _Settings, response: Response) -> Response:
     response.headers.extend([*_text(state.allow.headers), *settings.vary])
     if caller.auth_method == "query":
         response.headers.setdefault("Cache-Control", "private")  # RFC 6750 §2.3
-    if state.allow.lease is not None:
+    if state.allow.lease is not None or settings.guard.usage is not None:
+        state.status = response.status_code
         response.call_on_close(state.release)
     return response
 

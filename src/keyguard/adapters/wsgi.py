@@ -8,6 +8,7 @@ never calls it, the lease's expiry reclaims the slot.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -84,6 +85,7 @@ def guarded_headers(guard: Guard) -> dict[str, bytes]:
         "x-forwarded-for",
         "forwarded",
         "access-control-request-method",
+        "x-request-id",  # the usage error log's request id
     ]
     return {"HTTP_" + n.upper().replace("-", "_"): n.encode("ascii") for n in names}
 
@@ -149,16 +151,24 @@ class KeyGuardWSGIMiddleware:
         self._wanted = guarded_headers(guard)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
         request = request_from_environ(environ, self._wanted)
         decision = self.guard.check(request, scope=environ.get("keyguard.scope"))
         if isinstance(decision, Denial):
             return denial_response(decision, start_response, self.guard.realm, self._vary)
-        return self.call_app(environ, start_response, request, decision)
+        return self.call_app(environ, start_response, request, decision, started)
 
     def call_app(
-        self, environ: Environ, start_response: StartResponse, request: RequestInfo, allow: Allow
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        request: RequestInfo,
+        allow: Allow,
+        started: float | None = None,
     ) -> Iterable[bytes]:
-        """Run the app for an allowed request, with limit headers and slot release."""
+        """Run the app for an allowed request, with limit headers, slot release and
+        usage recorded when the response is closed (``started``: the
+        ``time.perf_counter()`` reading before the check; now when not given)."""
         environ[ENVIRON_KEY] = allow.identity
         identity = allow.identity
         if self.hide_credentials and identity is not None:
@@ -169,19 +179,20 @@ class KeyGuardWSGIMiddleware:
             else []
         )
         private = identity is not None and identity.auth_method == "query"
+        end = _End(self.guard, allow, request, time.perf_counter() if started is None else started)
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
+            end.status = _status_code(status)
             headers = [*headers, *extra]
             if private and not any(k.lower() == "cache-control" for k, _ in headers):
                 headers.append(("Cache-Control", "private"))
             return start_response(status, headers, exc_info)
 
-        lease = allow.lease
-        if lease is None:
+        if allow.lease is None and end.allow is None:
             # ``start`` also adds Cache-Control: private for a key from the URL, which
             # is needed even when there is no other header to add (RFC 6750 §2.3).
             return self.app(environ, start if extra or private else start_response)
-        release = _release_once(self.guard, lease)
+        release = end.once
         try:
             body = self.app(environ, start)
         except BaseException:
@@ -190,16 +201,34 @@ class KeyGuardWSGIMiddleware:
         return _Closing(body, release)
 
 
-def _release_once(guard: Guard, lease: Lease) -> Callable[[], None]:
-    done = False
+class _End:
+    """Ends one allowed request once: records its usage, releases its lease."""
 
-    def release() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            guard.release(lease)
+    __slots__ = ("_guard", "_lease", "_request", "_started", "allow", "status")
 
-    return release
+    def __init__(self, guard: Guard, allow: Allow, request: RequestInfo, started: float) -> None:
+        self._guard = guard
+        recorded = guard.usage is not None and allow.identity is not None
+        self.allow: Allow | None = allow if recorded else None
+        self._lease: Lease | None = allow.lease
+        self._request = request
+        self._started = started
+        self.status = 500  # what the server answers when the app fails before starting
+
+    def once(self) -> None:
+        allow, self.allow = self.allow, None
+        lease, self._lease = self._lease, None
+        try:
+            if allow is not None:
+                self._guard.finished(self._request, allow, self.status, self._started)
+        finally:
+            if lease is not None:
+                self._guard.release(lease)
+
+
+def _status_code(status: str) -> int:
+    code = status[:3]
+    return int(code) if code.isdigit() else 500
 
 
 def _hide(environ: Environ, request: RequestInfo, guard: Guard) -> None:

@@ -1,8 +1,9 @@
 """Backends chosen by URL, through an explicit registry.
 
-``open_key_store("sqlite:///keyguard.db")`` and ``open_rate_store("memory://")`` look
-the scheme up in plain dicts filled by :func:`register_key_store` and
-:func:`register_rate_store`; drivers are imported only when their scheme is used, so
+``open_key_store("sqlite:///keyguard.db")``, ``open_rate_store("memory://")`` and
+``open_usage_store("redis://...")`` look the scheme up in plain dicts filled by
+:func:`register_key_store`, :func:`register_rate_store` and
+:func:`register_usage_store`; drivers are imported only when their scheme is used, so
 the core needs none of them installed. A rate-store URL whose scheme keyguard does
 not know is handed to the ``limits`` library (memcached, MongoDB, ...).
 """
@@ -16,19 +17,23 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, shown
 from ..limiting import RateBackend
+from ..usage.store import UsageBackend
 from .protocols import KeyBackend
 
 __all__ = [
     "open_key_store",
     "open_rate_store",
+    "open_usage_store",
     "register_key_store",
     "register_rate_store",
+    "register_usage_store",
     "registered_schemes",
 ]
 
 Factory = Callable[..., Any]
 _KEY_STORES: dict[str, Factory] = {}
 _RATE_STORES: dict[str, Factory] = {}
+_USAGE_STORES: dict[str, Factory] = {}
 
 
 def register_key_store(scheme: str, factory: Factory) -> None:
@@ -39,6 +44,11 @@ def register_key_store(scheme: str, factory: Factory) -> None:
 def register_rate_store(scheme: str, factory: Factory) -> None:
     """Make ``scheme://`` rate-store URLs open with ``factory(url, **options)``."""
     _RATE_STORES[scheme] = factory
+
+
+def register_usage_store(scheme: str, factory: Factory) -> None:
+    """Make ``scheme://`` usage-store URLs open with ``factory(url, **options)``."""
+    _USAGE_STORES[scheme] = factory
 
 
 def registered_schemes() -> tuple[str, ...]:
@@ -73,6 +83,12 @@ register_rate_store("redis", _lazy(".redis_limiter", "RedisRateStore", "redis", 
 register_rate_store("rediss", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
 register_rate_store("redis+sentinel", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
 register_rate_store("redis+cluster", _lazy(".redis_limiter", "RedisRateStore", "redis", "redis"))
+register_usage_store("memory", _lazy(".memory_usage", "MemoryUsageStore"))
+register_usage_store("sqlite", _lazy(".sqlite_usage", "SQLiteUsageStore"))
+register_usage_store("redis", _lazy(".redis_usage", "RedisUsageStore", "redis", "redis"))
+register_usage_store("rediss", _lazy(".redis_usage", "RedisUsageStore", "redis", "redis"))
+register_usage_store("redis+sentinel", _lazy(".redis_usage", "RedisUsageStore", "redis", "redis"))
+register_usage_store("redis+cluster", _lazy(".redis_usage", "RedisUsageStore", "redis", "redis"))
 _LIMITS_FALLBACK = _lazy(".limits_storage", "LimitsRateStore")
 
 
@@ -114,4 +130,23 @@ def open_rate_store(url: str, **options: Any) -> RateBackend:
     store = _RATE_STORES.get(scheme, _LIMITS_FALLBACK)(url, **options)
     if not isinstance(store, RateBackend):
         raise ConfigurationError(f"the {scheme}:// factory did not return a rate store")
+    return store
+
+
+def open_usage_store(url: str, **options: Any) -> UsageBackend:
+    """A usage store for ``url``: ``memory://``, ``sqlite:///path.db``, ``redis://...``.
+
+    Raises :class:`ConfigurationError` for a malformed URL or an unknown scheme, naming
+    the schemes that are known.
+    """
+    scheme = _scheme(url, "usage storage", _USAGE_STORES)
+    factory = _USAGE_STORES.get(scheme)
+    if factory is None:
+        raise ConfigurationError(
+            f"unknown usage storage scheme {shown(scheme)}; known: "
+            + ", ".join(f"{s}://" for s in sorted(_USAGE_STORES))
+        )
+    store = factory(url, **options)
+    if not isinstance(store, UsageBackend):
+        raise ConfigurationError(f"the {scheme}:// factory did not return a usage store")
     return store
