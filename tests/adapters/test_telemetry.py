@@ -8,6 +8,7 @@ the global ones are never set.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,15 @@ from opentelemetry.trace import SpanKind, Tracer
 
 from keyguard.adapters.asgi import ASGIApp, KeyGuardMiddleware, Receive, Scope, Send
 from keyguard.adapters.wsgi import KeyGuardWSGIMiddleware
+from keyguard.backends.memory_usage import MemoryUsageStore
 from keyguard.credentials import CredentialConfig
 from keyguard.denials import TABLE
 from keyguard.errors import StorageError
 from keyguard.guard import Guard
 from keyguard.scopes import RouteMap, RouteRule
 from keyguard.telemetry import SPAN_NAME, Telemetry
+from keyguard.usage.recorder import UsageRecorder
+from keyguard.usage.records import Granularity, RowQuery
 from tests.adapters.security_support import (
     BACKENDS,
     FACES,
@@ -239,16 +243,30 @@ def provoke(env: TracedEnv, face: str, guard: Guard, path: str, method: str) -> 
     "path", ["allowed", "denied", "unknown", "handler 500", "internal 500", "store 503"]
 )
 def test_t62_no_secret_in_spans_or_metrics(
-    tenv: TracedEnv, traced: Traced, face: str, method: str, path: str
+    *,
+    tenv: TracedEnv,
+    traced: Traced,
+    face: str,
+    method: str,
+    path: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SECURITY.md T62: the credential reaches no span part and no metric attribute."""
-    guard = tenv.guard(routes=ORDERS, credentials=WITH_QUERY)
+    """SECURITY.md T62: the credential reaches no span part, no metric attribute, no
+    log line, no usage row and no error-log entry; nor does an ``api_key=`` value."""
+    caplog.set_level(logging.DEBUG)
+    usage = MemoryUsageStore()
+    recorder = UsageRecorder(usage, clock=tenv.clock)
+    guard = tenv.guard(routes=ORDERS, credentials=WITH_QUERY, usage=recorder)
     secrets = provoke(tenv, face, guard, path, method)
+    recorder.close()
     checks = traced.checks()
     assert checks, "keyguard recorded no span"
-    sinks = traced.dump()
+    rows = usage.rows(RowQuery(Granularity.MINUTE, 0, 2**40))
+    logged = [usage.errors(row.key_id) for row in rows]
+    sinks = traced.dump() + caplog.text + repr(rows) + repr(logged)
     for secret in secrets:
         assert secret not in sinks
+    assert "api_key=" not in sinks
     for span in checks:
         attributes = dict(span.attributes or {})
         assert set(attributes) <= ALLOWED_ATTRIBUTES
