@@ -143,6 +143,28 @@ async def test_concurrent_async_writes_sum_exactly(redis_server: RedisServer) ->
     await store.aclose()
 
 
+@pytest.mark.parametrize("deployment", ["redis_server", "redis_cluster"])
+def test_a_flushed_script_cache_costs_nothing_but_an_eval(
+    deployment: str, request: pytest.FixtureRequest
+) -> None:
+    """After SCRIPT FLUSH (as after a restart) a write falls back to EVAL and still adds
+    every row exactly once."""
+    target: RedisServer | RedisCluster = request.getfixturevalue(deployment)
+    ports = [n.port for n in target.nodes] if isinstance(target, RedisCluster) else [target.port]
+    store = RedisUsageStore.from_url(target.url, prefix=new_prefix(), **PATIENT)
+    try:
+        rows = tuple(row(T0, key=f"key_{n}") for n in range(20))
+        store.write(UsageBatch(rows))
+        for port in ports:
+            with redis.Redis(port=port) as node:
+                node.script_flush()
+        store.write(UsageBatch(rows))
+        found = store.rows(everything())
+        assert sorted(r.counts.requests for r in found) == [2] * 20
+    finally:
+        store.close()
+
+
 # -- layout and retention ------------------------------------------------------------
 
 
