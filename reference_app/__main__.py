@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import uvicorn
+from pydantic import ValidationError
+
+from keyguard import ConfigurationError
+from keyguard.settings import describe_settings_error
 
 from .app import create_app
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until interrupted; exit 2 with one line on bad settings."""
     parser = argparse.ArgumentParser(prog="python -m reference_app")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(port=args.port), host=args.host, port=args.port)
+    try:
+        app = create_app(host=args.host, port=args.port)
+    except ValidationError as exc:
+        print(f"reference_app: {describe_settings_error(exc)}", file=sys.stderr)
+        return 2
+    except ConfigurationError as exc:
+        print(f"reference_app: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,102 +1,154 @@
 """The reference server's app factory.
 
 It mounts keyguard exactly as a user's own app would: settings from the
-environment, a guard built from them, the pure ASGI middleware, and scopes declared
-once in a route map. On an empty key store it creates a demo key and prints it once.
+environment, routes that declare their scope with ``require(...)``, those
+declarations compiled once into the guard's route rules (so a key without the scope
+is refused before any limit is charged), the pure ASGI middleware, and the OAuth
+token endpoint in front. ``uvicorn --factory reference_app:create_app`` works too.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TextIO
 
-from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field
+import httpx
+from fastapi import APIRouter, FastAPI
+from starlette.routing import BaseRoute
 
-from keyguard.adapters.asgi import KeyGuardMiddleware, current_identity
-from keyguard.configure import build_guard
-from keyguard.manager import KeyManager
+from keyguard import AsyncKeyManager, Guard, KeyGuardSettings, build_guard, load_settings
+from keyguard.adapters.asgi import KeyGuardMiddleware
+from keyguard.adapters.fastapi import declared_rules
+from keyguard.credentials import CredentialConfig
 from keyguard.oauth import OAuthASGI, TokenEndpoint, TokenIssuer
-from keyguard.scopes import RouteRule
-from keyguard.settings import KeyGuardSettings, load_settings
 
-__all__ = ["create_app"]
+from . import health
+from .admin.routers import ROUTERS
+from .body_limit import BodyLimit
+from .catalogue import SERVICES
+from .config import ServerSettings
+from .context import Context
+from .docs import install_docs
+from .errors import install_error_handlers
+from .first_run import first_run
+from .providers import Providers
+from .providers.offline import OfflineImages, OfflineSpeech, OfflineText
+from .providers.upstream import Upstream
+from .services import audio, chat, image, text
 
-RULES = (
-    RouteRule("POST", "/v1/generate", "text:generate"),
-    RouteRule("GET", "/v1/whoami", "keys:self"),
-)
-PUBLIC = ("/healthz", "/docs", "/openapi.json", "/docs/*")
-DEMO_SCOPES = ("text:generate", "keys:self")
+__all__ = ["PUBLIC", "create_app"]
+
+PUBLIC = ("/healthz", "/readyz", "/docs", "/openapi.json", "/static/swagger-ui/*")
 OAUTH_ISSUER = "urn:keyguard:reference"
 OAUTH_AUDIENCE = "urn:keyguard:reference:api"
+SERVICE_ROUTERS = (text.router, image.router, audio.router, chat.router)
+DESCRIPTION = """keyguard in front of AI service routes (offline stand-ins unless an
+upstream is configured), with the key API. Every `/v1` route needs a key with the
+scope its description names: send it as `X-API-Key`, as a bearer token, or trade it
+for an access token at `POST /oauth/token`."""
 
 
-class GenerateRequest(BaseModel):
-    prompt: str = Field(min_length=1, max_length=32_000)
-    model: str = "default"
-    max_tokens: int = Field(default=64, ge=1, le=4096)
-
-
-def _first_run(manager: KeyManager, port: int | None) -> None:
-    """Create and print a demo key once, when the store holds no key at all."""
-    if manager.list(limit=1).items:
-        return
-    issued = manager.create("demo", scopes=DEMO_SCOPES, plan="free", actor="reference_app")
-    key = issued.key.reveal()
-    where = f"http://127.0.0.1:{port or 8000}"
-    print(  # shown once, on purpose, to the operator at the console
-        "keyguard: created a demo key (shown once; it will not be printed again):\n"
-        f"  {key}\n"
-        f"  curl -s -X POST {where}/v1/generate -H 'X-API-Key: {key}' "
-        "-H 'Content-Type: application/json' -d '{\"prompt\": \"hello\"}'",
-        file=sys.stderr,
-        flush=True,
+def _providers(
+    server: ServerSettings, transport: httpx.AsyncBaseTransport | None
+) -> tuple[Providers, Upstream | None]:
+    images = OfflineImages()
+    if server.upstream_url is None:
+        return Providers(OfflineText(), images, images, OfflineSpeech()), None
+    key = None if server.upstream_key is None else server.upstream_key.get_secret_value()
+    upstream = Upstream(
+        server.upstream_url, key, timeout=server.provider_timeout, transport=transport
     )
+    return Providers(upstream, upstream, images, OfflineSpeech()), upstream
 
 
-def create_app(settings: KeyGuardSettings | None = None, *, port: int | None = None) -> FastAPI:
-    """The server, configured by ``settings`` (default: ``load_settings()``)."""
+def _with_services(guard: Guard) -> Guard:
+    """Give the guard the per-service costs.
+
+    ``build_guard`` takes no ``services`` yet (reported as a library gap), so the
+    documented ``Guard.services`` table is set here, once, before anything is served.
+    """
+    guard.services = dict(SERVICES)
+    return guard
+
+
+def _routes(routers: list[APIRouter]) -> list[BaseRoute]:
+    """The routers' own routes (``app.routes`` holds lazy wrappers in FastAPI 0.16x)."""
+    return [route for router in routers for route in router.routes]
+
+
+def create_app(
+    settings: KeyGuardSettings | None = None,
+    *,
+    server: ServerSettings | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    console: TextIO | None = None,
+) -> FastAPI:
+    """The server, configured by ``settings`` (default: ``load_settings()``) and
+    ``server`` (default: ``ServerSettings()`` from ``KEYGUARD_*``).
+
+    ``host``/``port`` only shape the first-run ``curl`` line; ``upstream_transport``
+    and ``console`` are for tests.
+    """
     settings = settings or load_settings()
+    server = server or ServerSettings()
+    keys = settings.open_store()
+    manager = AsyncKeyManager(
+        keys,
+        key_format=settings.key_format(),
+        hasher=settings.hasher(),
+        default_grace=settings.rotation_grace,
+        actor="reference_app",
+    )
+    credentials = CredentialConfig(
+        methods=settings.credential_methods,
+        header_name=settings.api_key_header,
+        query_param=settings.query_param,
+    )
+    providers, upstream = _providers(server, upstream_transport)
+    ctx = Context(settings, providers, manager, credentials)
+    routers = [make(ctx) for make in (*SERVICE_ROUTERS, *ROUTERS)]
     # Tokens from POST /oauth/token are accepted wherever a key is. With several
     # workers, give TokenIssuer a shared signing_key, or each signs with its own.
     issuer = TokenIssuer(issuer=OAUTH_ISSUER, audience=OAUTH_AUDIENCE)
-    guard = build_guard(settings, rules=RULES, public=PUBLIC, tokens=issuer.validator())
+    declared = _routes(routers)
+    rules = tuple(declared_rules(declared))
+    guard = _with_services(
+        build_guard(settings, keys=keys, rules=rules, public=PUBLIC, tokens=issuer.validator())
+    )
+    ctx.meter.bind(guard)
+    where = f"http://{host}:{port or 8000}"
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        _first_run(settings.manager(guard.backends.keys), port)
-        yield
-        await guard.backends.keys.aclose()
-        if guard.backends.limiter is not None:
-            await guard.backends.limiter.aclose()
+        await first_run(manager, where, default_plan=settings.default_plan, out=console)
+        try:
+            yield
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
+            await keys.aclose()
+            if guard.backends.limiter is not None:
+                await guard.backends.limiter.aclose()
 
-    app = FastAPI(title="keyguard reference server", lifespan=lifespan)
+    app = FastAPI(
+        title="keyguard reference server",
+        version="0.1.0",
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    for router in routers:
+        app.include_router(router)
+    app.include_router(health.router(guard))
+    install_docs(app, declared)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=server.max_body_bytes)  # inside: after the key
     app.add_middleware(KeyGuardMiddleware, guard=guard)
     # Outermost: the token endpoint and its JWKS answer before the guard looks.
     app.add_middleware(OAuthASGI, endpoint=TokenEndpoint.from_guard(guard, issuer))
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/v1/whoami")
-    async def whoami(request: Request) -> dict[str, Any]:
-        identity = current_identity(request.scope)
-        if identity is None:  # pragma: no cover - the middleware refuses first
-            return {}
-        return {"id": identity.key_id, "name": identity.name, "scopes": list(identity.scopes)}
-
-    @app.post("/v1/generate")
-    async def generate(body: GenerateRequest) -> dict[str, Any]:
-        words = body.prompt.split()[: body.max_tokens]
-        text = " ".join(reversed(words))
-        return {
-            "model": "keyguard-offline-echo",
-            "text": text,
-            "usage": {"prompt_tokens": len(body.prompt.split()), "completion_tokens": len(words)},
-        }
-
+    app.state.guard = guard
     return app

@@ -1,0 +1,55 @@
+"""What every router needs, built once per app: providers, the meter, the key
+manager, and the credential settings that shape the OpenAPI security schemes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import cast
+
+from fastapi import Depends
+
+from keyguard import AsyncKeyManager, Identity, KeyGuardSettings
+from keyguard.adapters.fastapi import require
+from keyguard.credentials import CredentialConfig
+
+from .admin.quota_book import QuotaBook
+from .conversations import ConversationBook
+from .errors import ApiError
+from .metering import Meter
+from .providers import ChatCall, Completion, ProviderFailed, Providers, UnknownModel
+
+__all__ = ["Context"]
+
+
+@dataclass
+class Context:
+    """The shared state of one server."""
+
+    settings: KeyGuardSettings
+    providers: Providers
+    manager: AsyncKeyManager
+    credentials: CredentialConfig
+    meter: Meter = field(default_factory=Meter)
+    conversations: ConversationBook = field(default_factory=ConversationBook)
+    quota_requests: QuotaBook = field(default_factory=QuotaBook)
+
+    def caller(self, scope: str) -> Identity:
+        """``Depends`` on the caller's identity, declaring and re-checking ``scope``.
+
+        Typed as the :class:`Identity` FastAPI injects, so it reads as a default:
+        ``caller: Identity = needs``.
+
+        The guard already refused a key without ``scope`` (before charging limits);
+        the dependency documents the scope and key schemes in OpenAPI.
+        """
+        return cast(Identity, Depends(require(scope, credentials=self.credentials)))
+
+    async def complete(self, identity: Identity, call: ChatCall) -> Completion:
+        """Run a chat call and settle its units to the tokens used; refund on failure."""
+        try:
+            done = await self.providers.text.chat(call)
+        except (ProviderFailed, UnknownModel, ApiError):
+            await self.meter.refund(identity)
+            raise
+        await self.meter.settle(identity, done.total_tokens)
+        return done
