@@ -119,6 +119,7 @@ def create_app(
         build_guard(settings, keys=keys, rules=rules, public=PUBLIC, tokens=issuer.validator())
     )
     ctx.meter.bind(guard)
+    ctx.guard = guard
     where = f"http://{host}:{port or 8000}"
 
     @asynccontextmanager

@@ -8,7 +8,7 @@ from typing import cast
 
 from fastapi import Depends
 
-from keyguard import AsyncKeyManager, Identity, KeyGuardSettings
+from keyguard import AsyncKeyManager, Guard, Identity, KeyGuardSettings
 from keyguard.adapters.fastapi import require
 from keyguard.credentials import CredentialConfig
 
@@ -32,6 +32,7 @@ class Context:
     meter: Meter = field(default_factory=Meter)
     conversations: ConversationBook = field(default_factory=ConversationBook)
     quota_requests: QuotaBook = field(default_factory=QuotaBook)
+    guard: Guard | None = None  # set once the guard is built from the declared routes
 
     def caller(self, scope: str) -> Identity:
         """``Depends`` on the caller's identity, declaring and re-checking ``scope``.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from fastapi import APIRouter
 
 from ..context import Context
-from . import keys, plans, quota_requests, whoami
+from . import keys, plans, quota_requests, usage, whoami
 
 __all__ = ["ROUTERS"]
 
@@ -16,5 +16,6 @@ ROUTERS: tuple[Callable[[Context], APIRouter], ...] = (
     keys.router,
     plans.router,
     quota_requests.router,
+    usage.router,
     whoami.router,
 )

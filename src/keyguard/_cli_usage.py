@@ -174,19 +174,6 @@ def show_errors(
     finally:
         store.close()
     if as_json:
-        out.emit_json([_entry_dict(e) for e in entries])
+        out.emit_json([e.to_dict() for e in entries])
     else:
         out.emit(errors_text(entries))
-
-
-def _entry_dict(entry: ErrorEntry) -> dict[str, Any]:
-    return {
-        "at": from_timestamp(entry.at).isoformat().replace("+00:00", "Z"),
-        "status": entry.status,
-        "code": entry.code,
-        "message": entry.message,
-        "method": entry.method,
-        "route": entry.route,
-        "service": entry.service,
-        "request_id": entry.request_id,
-    }

@@ -10,9 +10,11 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from ..limiting import LimitState
+from ..records import JSON
 from .histogram import merge_into
 
 __all__ = [
@@ -174,6 +176,19 @@ class ErrorEntry:
     code: str
     message: str
     request_id: str
+
+    def to_dict(self) -> dict[str, JSON]:
+        """For people and APIs: the time as ISO-8601 UTC, the key's id left out."""
+        return {
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat().replace("+00:00", "Z"),
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "method": self.method,
+            "route": self.route,
+            "service": self.service,
+            "request_id": self.request_id,
+        }
 
     def to_json(self) -> str:
         return json.dumps(
