@@ -7,7 +7,8 @@ Every change appends an audit event in the same store call that writes the recor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -29,7 +30,10 @@ from .lifecycle import (
 from .records import JSON, AuditEvent, KeyPage, KeyQuery, KeyRecord, KeyStatus, LimitOverrides
 from .validation import validate_expiry, validate_label, validate_reason
 
-__all__ = ["AsyncKeyManager", "IssuedKey", "KeyFlows", "KeyManager"]
+__all__ = ["AsyncKeyManager", "IssuedKey", "KeyEventHook", "KeyFlows", "KeyManager"]
+
+_logger = logging.getLogger("keyguard")
+KeyEventHook = Callable[[AuditEvent, KeyRecord], None]
 
 DEFAULT_GRACE = timedelta(hours=24)
 MAX_PAGE = 1000
@@ -59,12 +63,27 @@ class KeyFlows:
         clock: Clock | None = None,
         default_grace: timedelta = DEFAULT_GRACE,
         actor: str = "system",
+        on_event: KeyEventHook | None = None,
     ) -> None:
         self.key_format = key_format or KeyFormat()
         self.hasher = hasher or KeyHasher()
         self.clock = clock or SystemClock()
         self.default_grace = default_grace
         self.actor = validate_label("actor", actor)
+        self.on_event = on_event
+
+    def _saved(self, op: Save | Delete, record: KeyRecord) -> Flow[None]:
+        """Run a write, then tell ``on_event`` (only once the store accepted it).
+
+        The change is already stored, so a failing hook is logged (its type only) and
+        the admin call still succeeds: an observer must not turn a write into an error.
+        """
+        yield from call(op)
+        if self.on_event is not None:
+            try:
+                self.on_event(op.event, record)
+            except Exception as exc:
+                _logger.error("keyguard on_event hook failed: %s", type(exc).__name__)
 
     def _now(self) -> datetime:
         return utcnow(self.clock)
@@ -115,7 +134,8 @@ class KeyFlows:
             "scopes": [*record.scopes],
             "plan": record.plan,
         }
-        yield from call(Save(record, self._event(now, "create", record.id, actor, details)))
+        event = self._event(now, "create", record.id, actor, details)
+        yield from self._saved(Save(record, event), record)
         return IssuedKey(record, key)
 
     def get(self, key_id: str) -> Flow[KeyRecord]:
@@ -159,7 +179,8 @@ class KeyFlows:
             raise InvalidInput("changes", "nothing to change")
         record = yield from self._existing(key_id)
         updated = update_record(record, given, now)
-        yield from call(Save(updated, self._event(now, "update", key_id, actor, _changed(given))))
+        event = self._event(now, "update", key_id, actor, _changed(given))
+        yield from self._saved(Save(updated, event), updated)
         return updated
 
     def revoke(self, key_id: str, *, reason: str = "", actor: str | None = None) -> Flow[KeyRecord]:
@@ -169,7 +190,7 @@ class KeyFlows:
         revoked = revoke_record(record, reason, now)
         if revoked is not record:
             event = self._event(now, "revoke", key_id, actor, {"reason": reason})
-            yield from call(Save(revoked, event))
+            yield from self._saved(Save(revoked, event), revoked)
         return revoked
 
     def rotate(
@@ -188,13 +209,13 @@ class KeyFlows:
             grace=grace,
         )
         event = self._event(now, "rotate", key_id, actor, {"grace_seconds": grace.total_seconds()})
-        yield from call(Save(rotated, event))
+        yield from self._saved(Save(rotated, event), rotated)
         return IssuedKey(rotated, key)
 
     def delete(self, key_id: str, *, actor: str | None = None) -> Flow[None]:
         now = self._now()
-        yield from self._existing(key_id)
-        yield from call(Delete(key_id, self._event(now, "delete", key_id, actor)))
+        record = yield from self._existing(key_id)
+        yield from self._saved(Delete(key_id, self._event(now, "delete", key_id, actor)), record)
 
     def authenticate(self, raw: str | Secret) -> Flow[KeyRecord]:
         """The active record a presented key belongs to.
@@ -243,6 +264,9 @@ class KeyManager:
     :param clock: the time source; inject a fake one in tests.
     :param default_grace: how long a rotated key's old secret keeps working.
     :param actor: who the audit trail names when a call does not say.
+    :param on_event: called with the audit event and the record (as it was before a
+        delete) after each change is stored, e.g. ``Alerts.key_changed``; it runs on
+        the caller's thread, so it should be quick.
     """
 
     def __init__(self, store: KeyStore, **options: object) -> None:

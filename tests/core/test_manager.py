@@ -6,6 +6,7 @@ import ast
 import asyncio
 import contextlib
 import inspect
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,7 +27,8 @@ from keyguard import (
     LimitOverrides,
 )
 from keyguard.backends.memory import MemoryKeyStore
-from keyguard.records import KeyRecord
+from keyguard.errors import StorageError
+from keyguard.records import AuditEvent, KeyRecord
 from keyguard.testing import FakeClock
 
 
@@ -277,3 +279,78 @@ async def test_async_authentication_does_not_block_the_loop(clock: FakeClock) ->
     issued = await amanager.create("ci")
     results = await asyncio.gather(*(amanager.authenticate(issued.key) for _ in range(50)))
     assert {r.id for r in results} == {issued.record.id}
+
+
+class HookLog:
+    """An on_event hook that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def __call__(self, event: AuditEvent, record: KeyRecord) -> None:
+        self.calls.append((event.action, event.key_id, record.name))
+
+
+class FailingStore(MemoryKeyStore):
+    """A store whose writes fail."""
+
+    def save(self, record: KeyRecord, event: AuditEvent) -> None:
+        raise StorageError("disk full")
+
+
+def test_on_event_sees_each_stored_change(clock: FakeClock) -> None:
+    """The hook gets the audit event and record of every stored change, in order; a
+    no-op revoke stores nothing and calls nothing; delete passes the old record."""
+    hook = HookLog()
+    manager = KeyManager(MemoryKeyStore(), clock=clock, on_event=hook)
+    issued = manager.create("ci")
+    key_id = issued.record.id
+    manager.update(key_id, KeyChanges(name="ci-2"))
+    manager.rotate(key_id)
+    manager.revoke(key_id)
+    manager.revoke(key_id)
+    manager.delete(key_id)
+    assert hook.calls == [
+        ("create", key_id, "ci"),
+        ("update", key_id, "ci-2"),
+        ("rotate", key_id, "ci-2"),
+        ("revoke", key_id, "ci-2"),
+        ("delete", key_id, "ci-2"),
+    ]
+    assert [e.action for e in manager.audit(key_id)][::-1] == [c[0] for c in hook.calls]
+
+
+def test_on_event_is_not_called_when_the_write_fails(clock: FakeClock) -> None:
+    """A failed save raises as before and the hook hears nothing."""
+    hook = HookLog()
+    manager = KeyManager(FailingStore(), clock=clock, on_event=hook)
+    with pytest.raises(StorageError):
+        manager.create("ci")
+    assert hook.calls == []
+
+
+def test_a_failing_hook_does_not_fail_the_change(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The change is stored; the hook's error is logged by type, without its message."""
+
+    def broken(event: AuditEvent, record: KeyRecord) -> None:
+        raise RuntimeError("hook detail")
+
+    manager = KeyManager(MemoryKeyStore(), clock=clock, on_event=broken)
+    with caplog.at_level(logging.ERROR, logger="keyguard"):
+        issued = manager.create("ci")
+    assert manager.get(issued.record.id).name == "ci"
+    assert "RuntimeError" in caplog.text
+    assert "hook detail" not in caplog.text
+
+
+async def test_async_manager_calls_the_same_hook(clock: FakeClock) -> None:
+    """AsyncKeyManager takes on_event too and calls it after each stored change."""
+    hook = HookLog()
+    amanager = AsyncKeyManager(MemoryKeyStore(), clock=clock, on_event=hook)
+    issued = await amanager.create("ci")
+    await amanager.rotate(issued.record.id)
+    await amanager.revoke(issued.record.id)
+    await amanager.delete(issued.record.id)
+    assert [c[0] for c in hook.calls] == ["create", "rotate", "revoke", "delete"]
