@@ -7,7 +7,7 @@ from typing import Annotated
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from starlette.routing import Mount
 
 from keyguard.adapters import fastapi as kg_fastapi
@@ -172,6 +172,50 @@ def test_declared_rules_follow_the_router() -> None:
         RouteRule("GET", "/files/*", "files:read"),
         RouteRule("POST", "/jobs/run", "jobs:run"),
     ]
+
+
+def test_declared_rules_see_included_routers() -> None:
+    """Routes added with include_router (lazy wrappers in FastAPI 0.16x), nested, with
+    prefixes and router-level dependencies, are declared like the app's own."""
+    app = FastAPI()
+    v1 = APIRouter(prefix="/v1")
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(require("admin"))])
+
+    @v1.post("/generate")
+    async def generate(caller: Annotated[Identity, Depends(GENERATE)]) -> None:
+        """Declared on the route."""
+
+    @admin.get("/keys/{key_id}")
+    async def key(key_id: str) -> None:
+        """Declared on the router."""
+
+    v1.include_router(admin)
+    app.include_router(v1, prefix="/api")
+    assert sorted(declared_rules(app.routes), key=lambda r: r.pattern) == [
+        RouteRule("GET", "/api/v1/admin/keys/{p}", "admin"),
+        RouteRule("POST", "/api/v1/generate", "text:generate"),
+    ]
+
+
+def test_included_router_scopes_are_enforced_before_limits() -> None:
+    """A route of an included router gets its 403 from the middleware, uncharged."""
+    world = World()
+    app = FastAPI()
+    router = APIRouter(prefix="/v2")
+
+    @router.post("/generate")
+    async def generate(caller: Annotated[Identity, Depends(GENERATE)]) -> None:
+        """Needs text:generate."""
+
+    app.include_router(router)
+    app.add_middleware(FastAPIKeyGuardMiddleware, guard=world.guard(declared=True))
+    key, key_id = world.key("image:create")
+    before = world.limits(key_id)
+    response = call(app, "/v2/generate", {"x-api-key": key})
+    assert response.status_code == 403
+    assert response.json()["error"]["scope"] == "text:generate"
+    assert world.limits(key_id) == before
+    world.close()
 
 
 def test_require_refuses_a_wildcard_scope() -> None:

@@ -166,16 +166,34 @@ def declared_rules(routes: Iterable[BaseRoute], prefix: str = "") -> list[RouteR
     rules: dict[tuple[str, str], RouteRule] = {}
     for route in routes:
         found: list[RouteRule] = []
-        if isinstance(route, APIRoute):
-            scope = _declared_scope(route.dependant)
-            if scope is not None:
-                pattern = _pattern(prefix + route.path_format, route.param_convertors)
-                found = [RouteRule(m, pattern, scope) for m in sorted(route.methods or {"*"})]
+        if isinstance(route, APIRoute) or _is_effective_route(route):
+            found = _route_rules(route, prefix)
         elif isinstance(route, Mount):
             found = declared_rules(route.routes, prefix + route.path)
+        else:
+            # FastAPI 0.16x keeps include_router() routers as lazy wrappers whose
+            # routes (prefix and router dependencies applied) appear only through
+            # effective_candidates(); missing them would leave an included route
+            # to "any key", charged before its dependency refuses (a security gap).
+            candidates = getattr(route, "effective_candidates", None)
+            if callable(candidates):
+                found = declared_rules(candidates(), prefix)
         for rule in found:
             rules.setdefault((rule.method, rule.pattern), rule)
     return list(rules.values())
+
+
+def _is_effective_route(route: object) -> bool:
+    """A FastAPI 0.16x route of an included router: what an APIRoute would tell."""
+    return all(hasattr(route, name) for name in ("dependant", "path_format", "methods"))
+
+
+def _route_rules(route: Any, prefix: str) -> list[RouteRule]:  # noqa: ANN401 - two shapes
+    scope = _declared_scope(route.dependant)
+    if scope is None:
+        return []
+    pattern = _pattern(prefix + route.path_format, route.param_convertors)
+    return [RouteRule(m, pattern, scope) for m in sorted(route.methods or {"*"})]
 
 
 def _declared_scope(dependant: Dependant) -> str | None:
