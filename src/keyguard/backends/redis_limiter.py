@@ -16,6 +16,13 @@ period id comes from the server's time, which the client does not know) and a hi
 reads each hash with one ``HMGET``. Every key written gets a TTL, so idle buckets
 expire on their own; a refusal writes only what expiry changed, as the other backends.
 
+Releases from the async face do not wait for Redis: a released lease rides on the
+bucket's next script call from the same store (the script counts it out, then removes
+it), or is flushed with every other pending release in one pipelined round trip
+``release_delay`` seconds later (see :meth:`RedisRateStore.arelease`). Settling
+reserved units (:meth:`RedisRateStore.adjust`) is one ``EVALSHA`` of ``lua/adjust.lua``
+on the bucket's quota hash.
+
 Failures: every redis-py error becomes :class:`~keyguard.errors.StorageError` (the
 message names the action, never the bucket), and nothing is retried -- a retry after a
 timed-out reply could charge twice -- except ``NOSCRIPT`` (the script did not run),
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -73,6 +81,9 @@ _MAX_PLANS = 4096
 # in real time (a slow test must not see them expire under it).
 _TEST_TTL_PAD_MS = 600_000
 _ALLOWED = Admission(True, ())
+DEFAULT_RELEASE_DELAY = 0.01  # seconds an async release may wait to ride on another call
+_MAX_RELEASED = 256  # releases of one bucket carried by one call, at most
+_logger = logging.getLogger("keyguard")
 _FAILED = (redis.RedisError, RedisClusterException)
 _new = tuple.__new__  # builds a named tuple at half the cost of calling its class
 T = TypeVar("T")
@@ -133,6 +144,8 @@ class RedisRateStore:
     :param slots: slots per window (precision against memory).
     :param failure_threshold: consecutive connection failures that open the breaker.
     :param recovery_time: seconds the open breaker fails fast before one probe.
+    :param release_delay: seconds an async release may wait to ride on the bucket's
+        next call before it is flushed on its own (0 to 1).
     :param clock: **tests only**: windows and quotas follow this clock's wall time,
         passed to the script, instead of the server's ``TIME``. Production leaves it
         ``None``: app hosts' clocks disagree, the server's is one clock for all.
@@ -153,6 +166,7 @@ class RedisRateStore:
         slots: int = DEFAULT_SLOTS,
         failure_threshold: int = 5,
         recovery_time: float = 0.5,
+        release_delay: float = DEFAULT_RELEASE_DELAY,
         clock: Clock | None = None,
     ) -> None:
         if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
@@ -182,6 +196,20 @@ class RedisRateStore:
         self._breaker = CircuitBreaker("rate store", threshold, float(cooldown))
         self._plans: dict[int, tuple[LimitPolicy, _Plan]] = {}
         self._closed = False
+        if (
+            isinstance(release_delay, bool)
+            or not isinstance(release_delay, int | float)
+            or not (0 <= release_delay <= 1)
+        ):
+            raise ConfigurationError(
+                f"release_delay must be seconds in [0, 1], not {shown(release_delay)}"
+            )
+        self._release_delay = float(release_delay)
+        # Releases from the async face wait here, by bucket, for the next admission of
+        # their bucket or the flush, whichever comes first (see arelease).
+        self._pending: dict[str, list[str]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(
@@ -193,6 +221,7 @@ class RedisRateStore:
         slots: int = DEFAULT_SLOTS,
         failure_threshold: int = 5,
         recovery_time: float = 0.5,
+        release_delay: float = DEFAULT_RELEASE_DELAY,
         clock: Clock | None = None,
         **client_options: Any,
     ) -> RedisRateStore:
@@ -212,6 +241,7 @@ class RedisRateStore:
             slots=slots,
             failure_threshold=failure_threshold,
             recovery_time=recovery_time,
+            release_delay=release_delay,
             clock=clock,
         )
 
@@ -236,7 +266,14 @@ class RedisRateStore:
         return tag + "}:win", tag + "}:quota", tag + "}:lease"
 
     def _call(
-        self, mode: str, bucket: str, plan: _Plan, cost: int = 0, lease: str | None = None
+        self,
+        mode: str,
+        bucket: str,
+        plan: _Plan,
+        cost: int = 0,
+        lease: str | None = None,
+        *,
+        released: Sequence[str] = (),
     ) -> list[str | int]:
         """``EVALSHA``'s operands after the sha: numkeys, keys, then the arguments."""
         if self._clock is None:
@@ -247,16 +284,19 @@ class RedisRateStore:
         cap = "" if plan.cap is None else plan.cap
         mark = "" if lease is None else "=" + lease
         head: list[str | int] = [mode, t, wall, cost, mark, self._lease_ms, cap, self._pad]
-        return [3, *self._keys(bucket), *head, *plan.args]
+        # Each lease once: the script counts every one it is given out of the slots held.
+        return [3, *self._keys(bucket), *head, *plan.args, *dict.fromkeys(released)]
 
-    def _hit_call(self, request: HitRequest) -> tuple[_Plan, list[str | int]]:
+    def _hit_call(
+        self, request: HitRequest, released: Sequence[str] = ()
+    ) -> tuple[_Plan, list[str | int]]:
         plan = self._plan(request.policy)
         cost = request.cost
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise ValueError("a hit's cost must be a whole number >= 0")
         if plan.cap is not None and request.lease is None:
             raise ValueError("a policy with a concurrency cap needs a lease id on each hit")
-        return plan, self._call("hit", request.bucket, plan, cost, request.lease)
+        return plan, self._call("hit", request.bucket, plan, cost, request.lease, released=released)
 
     @staticmethod
     def _admission(plan: _Plan, reply: Sequence[int]) -> Admission:
@@ -419,20 +459,88 @@ class RedisRateStore:
     async def ahit(self, request: HitRequest) -> Admission:
         if request.policy.is_empty():
             return _ALLOWED
-        plan, operands = self._hit_call(request)
-        reply = await self._arun("count a hit", lambda: self._aeval(operands))
+        released = self._pending.pop(request.bucket, None) if self._pending else None
+        plan, operands = self._hit_call(request, released or ())
+        try:
+            reply = await self._arun("count a hit", lambda: self._aeval(operands))
+        except BaseException:
+            self._requeue(request.bucket, released)
+            raise
         return self._admission(plan, reply)
 
     async def arelease(self, bucket: str, lease: str) -> None:
-        key = self._keys(bucket)[2]
-        await self._arun("release a slot", lambda: self._aclient.zrem(key, lease))
+        """Give a slot back without waiting for Redis: the release rides on the next
+        admission (or peek) of ``bucket`` from this store, or is flushed with every other
+        pending release in one pipelined round trip ``release_delay`` seconds later,
+        whichever comes first.
+
+        So the response does not wait for a round trip, and this process's next hit on
+        the bucket always sees the slot free; another process sees it free up to
+        ``release_delay`` later than it would otherwise. ``ZREM`` is idempotent, so a
+        release carried twice is harmless; one that cannot be sent (Redis down) is
+        logged, and the lease expiry gives the slot back (the crash backstop too).
+        """
+        if self._closed:
+            raise StorageError("the Redis rate store is closed")
+        leases = self._pending.setdefault(bucket, [])
+        leases.append(lease)
+        if self._flush_timer is None or len(leases) >= _MAX_RELEASED:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+            delay = self._release_delay if len(leases) < _MAX_RELEASED else 0.0
+            self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush_soon)
+
+    def _requeue(self, bucket: str, released: list[str] | None) -> None:
+        """Put back releases a failed call carried (sent again by the flush, at worst
+        after they already applied: ZREM is idempotent)."""
+        if released:
+            self._pending.setdefault(bucket, []).extend(released)
+            if self._flush_timer is None and not self._closed:
+                loop = asyncio.get_running_loop()
+                self._flush_timer = loop.call_later(self._release_delay, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_timer = None
+        if self._pending:
+            task = asyncio.get_running_loop().create_task(self._aflush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _aflush(self) -> None:
+        """Send every pending release: one pipeline, one round trip (per node)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        keys = self._keys
+
+        async def send() -> None:
+            async with self._aclient.pipeline(transaction=False) as pipe:
+                for bucket, leases in pending.items():
+                    pipe.zrem(keys(bucket)[2], *leases)
+                await pipe.execute()
+
+        try:
+            await self._arun("release slots", send)
+        except StorageError as exc:  # the type only: a message may name a bucket
+            count = sum(len(leases) for leases in pending.values())
+            _logger.warning(
+                "keyguard could not release %d concurrency slots (%s); their leases expire",
+                count,
+                type(exc).__name__,
+            )
 
     async def apeek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
         if policy.is_empty():
             return ()
         plan = self._plan(policy)
-        operands = self._call("peek", bucket, plan)
-        return plan.states(await self._arun("read a bucket", lambda: self._aeval(operands)))
+        released = self._pending.pop(bucket, None) if self._pending else None
+        operands = self._call("peek", bucket, plan, released=released or ())
+        try:
+            reply = await self._arun("read a bucket", lambda: self._aeval(operands))
+        except BaseException:
+            self._requeue(bucket, released)
+            raise
+        return plan.states(reply)
 
     async def aadjust(self, adjustment: Adjustment) -> None:
         operands = self._adjust_call(adjustment)
@@ -441,10 +549,18 @@ class RedisRateStore:
 
     async def areset(self, bucket: str) -> None:
         keys = self._keys(bucket)
+        self._pending.pop(bucket, None)  # the slots go with the bucket
         await self._arun("reset a bucket", lambda: self._aclient.delete(*keys))
 
     async def aclose(self) -> None:
-        """Close both clients' connections; later calls raise :class:`StorageError`."""
+        """Send the pending releases, then close both clients' connections; later calls
+        raise :class:`StorageError`."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        await self._aflush()
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         self._closed = True
         await self._aclient.aclose()
         self._client.close()

@@ -13,7 +13,9 @@
 -- ARGV: mode ("hit" charges, "peek" only reads), t_ms and wall_us (both "" -> server
 -- TIME; a test clock passes its own), cost, "=" .. lease ("" none), lease_ms, cap ("" none),
 -- ttl_pad_ms, then the policy: nc, nc x (field, span_ms, width_ms); nw, nw x (counter,
--- limit); nq, nq x (field, "day"|"month"); nl, nl x (quota, limit).
+-- limit); nq, nq x (field, "day"|"month"); nl, nl x (quota, limit); then any leases of
+-- this bucket released since its last call (the client defers releases: ZREM is
+-- idempotent, so one carried twice, or after its expiry, is harmless).
 --
 -- Returns {allowed, retry_ms (-1: waiting cannot help), denied (1-based limit, 0 none),
 -- then per limit in order: remaining, reset_ms [, period_s for a quota]}.
@@ -186,10 +188,19 @@ if nq > 0 then
   end
 end
 
+local released = i -- ARGV[released..]: leases given back; counted out now, removed
+local function forget_released() -- with the writes, so OOM still fails an admission whole
+  if released <= #ARGV then redis.call("ZREM", KEYS[3], unpack(ARGV, released)) end
+end
+
 local held, present, soonest = 0, false, nil
 if cap then
   local live = "(" .. t
   held = redis.call("ZCOUNT", KEYS[3], live, "+inf")
+  for j = released, #ARGV do
+    local score = redis.call("ZSCORE", KEYS[3], ARGV[j])
+    if score and tonumber(score) > t then held = held - 1 end
+  end
   if held > 0 then
     soonest = tonumber(redis.call("ZRANGEBYSCORE", KEYS[3], live, "+inf", "WITHSCORES", "LIMIT", 0, 1)[2])
   end
@@ -343,12 +354,14 @@ if charging then
       local last = tonumber(redis.call("ZRANGE", KEYS[3], -1, -1, "WITHSCORES")[2])
       redis.call("PEXPIRE", KEYS[3], math.max(1, last - t) + pad)
     end
+    forget_released()
     if cost == 0 then forget_stale_quotas() end
     local reply = { 1, -1, 0 }
     for j = 1, #states do reply[j + 3] = states[j] end
     return reply
   end
   forget_stale_quotas()
+  forget_released()
   if cap then redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", t) end
   for c = 1, nc do
     if changed[c] and #counts[c] > 0 then
@@ -359,6 +372,7 @@ if charging then
   end
 end
 
+if not charging then forget_released() end -- a peek writes nothing else
 local states, worst, worst_wait = verdicts()
 local reply = { charging and 0 or 1, worst_wait == math.huge and -1 or worst_wait, worst }
 for j = 1, #states do reply[j + 3] = states[j] end
