@@ -148,7 +148,7 @@ def test_t17_keyspace_and_messages_hold_digests_only(
 ) -> None:
     """The keyspace and the invalidation messages hold no key, key body or canary."""
     canary = "Canary" + uuid.uuid4().hex[:12]
-    messages = raw.pubsub()  # type: ignore[no-untyped-call]
+    messages = raw.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
     messages.subscribe("{" + prefix + "}:invalidate")
     store = make_store()
     manager = KeyManager(store)

@@ -272,7 +272,7 @@ class ThreadListener(Subscription):
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(self.channel)
                 while not self._stop.is_set():
@@ -315,7 +315,7 @@ async def listen(client: AsyncClient, subscription: Subscription, *, retry: floa
         finally:
             subscription.listening = False
             try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             except DRIVER_ERRORS:
                 _logger.debug("keyguard key cache: closing the subscription failed")
         await asyncio.sleep(retry)
