@@ -17,8 +17,15 @@ from .conversations import ConversationBook
 from .errors import ApiError
 from .metering import Meter
 from .providers import ChatCall, Completion, ProviderFailed, Providers, UnknownModel
+from .tokens import count_tokens
 
-__all__ = ["Context"]
+
+def most_tokens(call: ChatCall) -> int:
+    """The most a chat call may cost in units: its prompt and its answer's cap."""
+    return sum(count_tokens(m.content) for m in call.messages) + call.max_tokens
+
+
+__all__ = ["Context", "most_tokens"]
 
 
 @dataclass
@@ -46,7 +53,9 @@ class Context:
         return cast(Identity, Depends(require(scope, credentials=self.credentials)))
 
     async def complete(self, identity: Identity, call: ChatCall) -> Completion:
-        """Run a chat call and settle its units to the tokens used; refund on failure."""
+        """Run a chat call: reserve its most, settle to the tokens used; refund on
+        failure."""
+        await self.meter.reserve(identity, most_tokens(call))
         try:
             done = await self.providers.text.chat(call)
         except (ProviderFailed, UnknownModel, ApiError):

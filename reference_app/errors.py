@@ -19,6 +19,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from keyguard.denials import render
+
+from .metering import Refused
 from .providers.base import ProviderFailed, ProviderTimedOut, UnknownModel
 
 __all__ = [
@@ -148,6 +151,14 @@ async def _api(_: Request, exc: Exception) -> Response:
     return error_response(exc.status, exc.code, exc.message, param=exc.param)
 
 
+async def _refused(_: Request, exc: Exception) -> Response:
+    """A reservation keyguard refused, rendered by keyguard itself (429, limit headers)."""
+    if not isinstance(exc, Refused):  # pragma: no cover - registered for Refused only
+        raise exc
+    status, headers, body = render(exc.denial)
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
+
+
 async def _provider(_: Request, exc: Exception) -> Response:
     if isinstance(exc, UnknownModel):
         return error_response(
@@ -171,6 +182,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(ApiError, _api)
+    app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(ProviderFailed, _provider)
     app.add_exception_handler(UnknownModel, _provider)
     app.add_exception_handler(Exception, _unexpected)

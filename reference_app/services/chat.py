@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keyguard import Identity
 
 from ..catalogue import Service
-from ..context import Context
+from ..context import Context, most_tokens
 from ..conversations import Conversation, tenant_of, trim_context
 from ..errors import ERRORS, ApiError
 from ..openai_wire import (
@@ -174,6 +174,7 @@ def router(ctx: Context) -> APIRouter:
         call = ChatCall(body.model, tuple(m.plain() for m in body.messages), body.limit())
         if not body.stream:
             return chat_completion(await ctx.complete(caller, call))
+        await ctx.meter.reserve(caller, most_tokens(call))
         stream = ctx.providers.text.stream(call)
         try:  # fail before the 200 when the provider fails at once: a 502, not an event
             first = await anext(stream)

@@ -33,7 +33,7 @@ class Charge:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_at", "_policy", "_spent", "_states", "bucket", "units")
+    __slots__ = ("_adding", "_at", "_policy", "_spent", "_states", "bucket", "units")
 
     def __init__(
         self,
@@ -47,10 +47,25 @@ class Charge:
         self.units = units
         self._policy, self._states, self._at = policy, states, wall
         self._spent = threading.Lock()
+        self._adding = threading.Lock()
 
     def spend(self) -> bool:
         """Whether this call is the one that settles (``True`` once, then ``False``)."""
         return self._spent.acquire(blocking=False)
+
+    @property
+    def quotas(self) -> LimitPolicy:
+        """The quotas the admission charged, as a policy of quotas alone."""
+        return LimitPolicy(quotas=self._policy.quotas)
+
+    def add(self, units: int) -> bool:
+        """Count ``units`` more as reserved (:meth:`Guard.reserve`); ``False`` once the
+        charge is settled, when nothing more may be added to it."""
+        with self._adding:
+            if self.spent:
+                return False
+            self.units += units
+            return True
 
     @property
     def spent(self) -> bool:

@@ -340,6 +340,80 @@ class Guard:
 
     # reserve and settle
 
+    def reserve(self, identity: Identity, units: int) -> Denial | None:
+        """Charge ``units`` more to the quotas the admission of ``identity`` charged,
+        refusing when they do not fit: the way to reserve a cost known only once the
+        app has read the request (``max_tokens`` from a JSON body).
+
+        Atomic like an admission: all the quotas take the units, or none does and the
+        answer is a ``quota_exceeded`` :class:`~keyguard.denials.Denial` (with limit
+        headers) for the app to send. The units join the identity's charge, so a later
+        :meth:`settle` gives back whatever was reserved beyond what was used. ``None``
+        means reserved, or nothing to reserve against (no quotas, no limiter, a limiter
+        that failed open); a limit store that fails answers as ``on_limiter_error``
+        says (503 ``limiter_unavailable`` by default).
+
+        :raises ValueError: if ``units`` is not a whole number >= 0.
+        """
+        request = self._reservation(identity, units)
+        if request is None or self.backends.limiter is None:
+            return None
+        limiter = self.backends.limiter
+        try:
+            admission = limiter.hit(request)
+            if not admission.allowed:
+                return self._refusal(admission, ())
+            late = self._late(identity, units)
+            if late is not None and isinstance(limiter, QuotaAdjuster):
+                limiter.adjust(late)
+        except StorageError:
+            return self._reserve_failed()
+        return None
+
+    async def areserve(self, identity: Identity, units: int) -> Denial | None:
+        """The async :meth:`reserve`."""
+        if self.inline:
+            return self.reserve(identity, units)
+        request = self._reservation(identity, units)
+        if request is None or self.backends.limiter is None:
+            return None
+        limiter = self.backends.limiter
+        try:
+            admission = await limiter.ahit(request)
+            if not admission.allowed:
+                return self._refusal(admission, ())
+            late = self._late(identity, units)
+            if late is not None and isinstance(limiter, QuotaAdjuster):
+                await limiter.aadjust(late)
+        except StorageError:
+            return self._reserve_failed()
+        return None
+
+    @staticmethod
+    def _reservation(identity: Identity, units: int) -> HitRequest | None:
+        if isinstance(units, bool) or not isinstance(units, int) or units < 0:
+            raise ValueError("units must be a whole number >= 0")
+        charge = identity.charge
+        if charge is None or units == 0 or charge.spent:
+            return None
+        return HitRequest(charge.bucket, charge.quotas, units)
+
+    @staticmethod
+    def _late(identity: Identity, units: int) -> Adjustment | None:
+        """Add the reserved units to the charge; if it was settled meanwhile (by
+        another task), the adjustment that hands them straight back."""
+        charge = identity.charge
+        if charge is None or charge.add(units):
+            return None
+        return Adjustment(charge.bucket, charge.charges(), -units)
+
+    def _reserve_failed(self) -> Denial | None:
+        if self.telemetry is not None:
+            self.telemetry.storage_error("limits")
+        if self.on_limiter_error == "deny":
+            return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
+        return None
+
     def settle(self, identity: Identity, used: int) -> None:
         """Settle what the admission of ``identity`` reserved to the ``used`` units.
 

@@ -102,3 +102,24 @@ def test_demo_key_holds_every_service_scope(server: Server) -> None:
     who = server.call("GET", "/v1/whoami", server.demo).json()
     assert set(SERVICE_SCOPES) <= set(who["scopes"])
     assert who["plan"] == "free"
+
+
+def test_chat_reserves_max_tokens_and_is_refused_before_any_work(server: Server) -> None:
+    """A key whose daily quota cannot hold the prompt and max_tokens gets 429
+    quota_exceeded before the provider runs, and is charged nothing for it."""
+    key, _ = server.new_key(scopes=["chat:*", "text:*"], limits={"quota_daily": 100})
+    chat = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+    refused = server.call("POST", "/v1/chat/completions", key, json={**chat, "max_tokens": 500})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert "ratelimit" in refused.headers
+    ok = server.call("POST", "/v1/chat/completions", key, json={**chat, "max_tokens": 20})
+    assert ok.status_code == 200, ok.text
+    used = ok.json()["usage"]["total_tokens"]
+    daily = _remaining(
+        server.call("POST", "/v1/generate", key, json={"prompt": "x", "max_tokens": 1}).headers,
+        "daily",
+    )
+    # The refused reservation took nothing and the answered call settled to its tokens:
+    # what is left when the next call is admitted (charged 1) says so exactly.
+    assert daily == 100 - used - 1
