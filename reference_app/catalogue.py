@@ -41,8 +41,9 @@ class Service:
     CHAT_CONVERSATIONS = "chat:conversations"
 
 
-# Text and chat are admitted at one unit and settled to their real token count
-# (see reference_app.metering); media have a flat price.
+# Text and chat are admitted at one unit, reserve their prompt and max_tokens once the
+# body is read, and settle to their real token count (see reference_app.metering);
+# media have a flat price.
 SERVICES: Mapping[str, ServiceLimits] = MappingProxyType(
     {
         Service.TEXT_GENERATE: ServiceLimits(cost=1),
