@@ -7,9 +7,12 @@ import re
 import traceback
 from functools import lru_cache
 
+from .decisions import Headers
 from .denials import Denial, deny
 from .errors import ConfigurationError
 from .iprules import IPAddress, IPAllowList
+from .limiting import Admission, LimitKind
+from .ratelimit_headers import limit_headers
 from .request import RequestInfo
 from .telemetry import Telemetry, default_telemetry
 
@@ -19,6 +22,7 @@ __all__ = [
     "internal_error",
     "ip_text",
     "is_preflight",
+    "refusal",
     "safe_request_id",
     "telemetry_for",
 ]
@@ -81,3 +85,18 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 def safe_request_id(value: bytes) -> str | None:
     """A client's request id fit for a log: 1-64 of ``A-Za-z0-9._:-``, else ``None``."""
     return value.decode("ascii") if _REQUEST_ID.fullmatch(value) else None
+
+
+def refusal(admission: Admission, extra: Headers) -> Denial:
+    """The denial for a limiter's refusal: which limit, its headers, when to retry."""
+    by = admission.denied_by
+    code = "rate_limit_exceeded"
+    if by is not None and by.kind is LimitKind.QUOTA:
+        code = "quota_exceeded"
+    elif by is not None and by.kind is LimitKind.CONCURRENCY:
+        code = "concurrency_limit_exceeded"
+    detail = None if by is None else f"{by.name}: {by.limit}"
+    if admission.retry_after is None and by is not None and by.kind is LimitKind.QUOTA:
+        detail = f"{by.name}: cost exceeds capacity"
+    headers = tuple(limit_headers(admission.states)) + extra
+    return deny(code, detail=detail, retry_after=admission.retry_after, headers=headers)

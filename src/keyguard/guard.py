@@ -9,7 +9,6 @@ touch storage: the key lookup and the single atomic limiter call.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import secrets
@@ -20,15 +19,17 @@ from datetime import timedelta
 from typing import Any, Literal, TypeAlias
 
 from ._guard_ops import Backends, FindKey, GetKey, Hit
+from ._guard_settle import RETRY_WHEN_DOWN, Settlements
 from ._guard_support import (
     allowed,
     in_process,
     internal_error,
     ip_text,
     is_preflight,
-    safe_request_id,
+    refusal,
     telemetry_for,
 )
+from ._guard_usage import UsageReports
 from .backends.memory_limiter import MemoryRateStore
 from .backends.protocols import KeyBackend
 from .clock import Clock, SystemClock, utcnow
@@ -42,13 +43,9 @@ from .iprules import IPAddress, IPDenyList
 from .keys import KeyFormat, KeyHasher
 from .lifecycle import check_secret
 from .limiting import (
-    Adjustment,
-    Admission,
     HitRequest,
-    LimitKind,
     LimitPolicy,
     LimitState,
-    QuotaAdjuster,
     RateBackend,
     Window,
 )
@@ -61,7 +58,6 @@ from .request import RequestInfo
 from .scopes import RouteMap, scope_allows
 from .telemetry import CheckObservation, Telemetry
 from .usage.recorder import UsageRecorder
-from .usage.records import UsageEvent
 
 __all__ = ["Allow", "Decision", "Guard", "Identity", "Lease"]
 
@@ -70,11 +66,10 @@ _PUBLIC = Allow(None)
 
 
 GuardFlow: TypeAlias = Generator[Op[Backends, Backends, Any], Any, Decision]
-_RETRY_WHEN_DOWN = 5.0
 _logger = logging.getLogger("keyguard")
 
 
-class Guard:
+class Guard(UsageReports, Settlements):
     """Everything keyguard decides about a request, configured once.
 
     :param keys: the key store (both faces), e.g. ``open_key_store("sqlite:///k.db")``.
@@ -252,65 +247,6 @@ class Guard:
             self._refused(request, decision, started)
         return decision
 
-    def finished(self, request: RequestInfo, allow: Allow, status: int, started: float) -> None:
-        """Record an allowed request whose response ended with ``status``.
-
-        ``started`` is the ``time.perf_counter()`` reading taken before the check, so
-        the latency covers keyguard and the app. Adapters call this once per response;
-        a request on a public path (no identity) records nothing.
-        """
-        usage, identity = self.usage, allow.identity
-        if usage is None or identity is None:
-            return
-        usage.record(
-            UsageEvent(
-                self.clock.now(),
-                identity.key_id,
-                identity.owner,
-                identity.service,
-                request.method,
-                request.route_id or request.path,
-                status,
-                time.perf_counter() - started,
-                allow.cost,
-                None,
-                identity.client_ip,
-                self._request_id(request),
-                identity.limits,
-            )
-        )
-
-    def _refused(self, request: RequestInfo, denial: Denial, started: float) -> None:
-        """Record the refusal of a key that proved its secret (see ``finished``)."""
-        if self.usage is None or denial.key_id is None:
-            return
-        client = self.proxies.client_ip(request)
-        self.usage.record(
-            UsageEvent(
-                self.clock.now(),
-                denial.key_id,
-                denial.owner,
-                denial.service,
-                request.method,
-                request.route_id or request.path,
-                denial.status,
-                time.perf_counter() - started,
-                0,
-                denial.code,
-                None if client is None else ip_text(client.ip),
-                self._request_id(request),
-            )
-        )
-
-    def _request_id(self, request: RequestInfo) -> str:
-        """The client's ``X-Request-ID`` when it is a short safe token, else our own."""
-        for name, value in request.headers:
-            if name == b"x-request-id":
-                text = safe_request_id(value)
-                if text is not None:
-                    return text
-        return f"kg-{self._lease_prefix}-{next(self._request_ids):x}"
-
     def release(self, lease: Lease) -> None:
         """Give a concurrency slot back; harmless to call twice.
 
@@ -335,166 +271,6 @@ class Guard:
 
     def _release_failed(self, lease: Lease) -> None:
         _logger.warning("keyguard could not release a concurrency slot of %s", lease.bucket)
-        if self.telemetry is not None:
-            self.telemetry.storage_error("limits")
-
-    # reserve and settle
-
-    def reserve(self, identity: Identity, units: int) -> Denial | None:
-        """Charge ``units`` more to the quotas the admission of ``identity`` charged,
-        refusing when they do not fit: the way to reserve a cost known only once the
-        app has read the request (``max_tokens`` from a JSON body).
-
-        Atomic like an admission: all the quotas take the units, or none does and the
-        answer is a ``quota_exceeded`` :class:`~keyguard.denials.Denial` (with limit
-        headers) for the app to send. The units join the identity's charge, so a later
-        :meth:`settle` gives back whatever was reserved beyond what was used. ``None``
-        means reserved, or nothing to reserve against (no quotas, no limiter, a limiter
-        that failed open); a limit store that fails answers as ``on_limiter_error``
-        says (503 ``limiter_unavailable`` by default).
-
-        :raises ValueError: if ``units`` is not a whole number >= 0.
-        """
-        request = self._reservation(identity, units)
-        if request is None or self.backends.limiter is None:
-            return None
-        limiter = self.backends.limiter
-        try:
-            admission = limiter.hit(request)
-            if not admission.allowed:
-                return self._refusal(admission, ())
-            late = self._late(identity, units)
-            if late is not None and isinstance(limiter, QuotaAdjuster):
-                limiter.adjust(late)
-        except StorageError:
-            return self._reserve_failed()
-        return None
-
-    async def areserve(self, identity: Identity, units: int) -> Denial | None:
-        """The async :meth:`reserve`."""
-        if self.inline:
-            return self.reserve(identity, units)
-        request = self._reservation(identity, units)
-        if request is None or self.backends.limiter is None:
-            return None
-        limiter = self.backends.limiter
-        try:
-            admission = await limiter.ahit(request)
-            if not admission.allowed:
-                return self._refusal(admission, ())
-            late = self._late(identity, units)
-            if late is not None and isinstance(limiter, QuotaAdjuster):
-                await limiter.aadjust(late)
-        except StorageError:
-            return self._reserve_failed()
-        return None
-
-    @staticmethod
-    def _reservation(identity: Identity, units: int) -> HitRequest | None:
-        if isinstance(units, bool) or not isinstance(units, int) or units < 0:
-            raise ValueError("units must be a whole number >= 0")
-        charge = identity.charge
-        if charge is None or units == 0 or charge.spent:
-            return None
-        return HitRequest(charge.bucket, charge.quotas, units)
-
-    @staticmethod
-    def _late(identity: Identity, units: int) -> Adjustment | None:
-        """Add the reserved units to the charge; if it was settled meanwhile (by
-        another task), the adjustment that hands them straight back."""
-        charge = identity.charge
-        if charge is None or charge.add(units):
-            return None
-        return Adjustment(charge.bucket, charge.charges(), -units)
-
-    def _reserve_failed(self) -> Denial | None:
-        if self.telemetry is not None:
-            self.telemetry.storage_error("limits")
-        if self.on_limiter_error == "deny":
-            return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
-        return None
-
-    def settle(self, identity: Identity, used: int) -> None:
-        """Settle what the admission of ``identity`` reserved to the ``used`` units.
-
-        An app that cannot know a request's cost up front (tokens, say) reserves the
-        most it may cost at admission, ``check(request, cost=max_tokens)``, and settles
-        to the real count when the response or stream ends: ``charged - used`` goes
-        back to every quota the admission charged (the key's and the service's, in the
-        UTC day or month it charged, never the next one), or the extra is charged when
-        ``used`` is larger, never refusing (the work is done; the quota may then read
-        over its limit, its ``remaining`` clamped at 0). Give ``used=0`` to refund the
-        whole reservation, after a provider error say. Windows count requests, not
-        units, and are left alone.
-
-        **Once per admission**: the identity carries a single-use handle
-        (:class:`~keyguard.decisions.Charge`), and only the first settlement of it
-        applies, whichever thread or task calls; later calls do nothing. An identity
-        with nothing to settle (no quota charged, no limiter, or a limiter that
-        failed open) is a no-op. A limit store that fails is logged and counted,
-        never raised: the response is served; the reservation then stands.
-
-        :raises ValueError: if ``used`` is not a whole number >= 0.
-
-        .. versionadded:: 0.1
-        """
-        adjustment = self._settlement(identity, used)
-        if adjustment is None or self.backends.limiter is None:
-            return
-        if not isinstance(self.backends.limiter, QuotaAdjuster):
-            self._settle_failed(None)
-            return
-        try:
-            self.backends.limiter.adjust(adjustment)
-        except StorageError as exc:
-            self._settle_failed(exc)
-
-    async def asettle(self, identity: Identity, used: int) -> None:
-        """The async :meth:`settle`, safe to call from any task.
-
-        The store call is shielded: an app whose task is cancelled (a client that went
-        away mid-stream) still settles, and the cancellation goes on afterwards.
-        """
-        if self.inline:
-            self.settle(identity, used)
-            return
-        adjustment = self._settlement(identity, used)
-        limiter = self.backends.limiter
-        if adjustment is None or limiter is None:
-            return
-        if not isinstance(limiter, QuotaAdjuster):
-            self._settle_failed(None)
-            return
-
-        async def adjust() -> None:
-            try:
-                await limiter.aadjust(adjustment)
-            except StorageError as exc:
-                self._settle_failed(exc)
-
-        task = asyncio.ensure_future(adjust())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
-
-    @staticmethod
-    def _settlement(identity: Identity, used: int) -> Adjustment | None:
-        """The adjustment settling ``identity``, or ``None`` when there is none to make;
-        spends the identity's handle."""
-        if isinstance(used, bool) or not isinstance(used, int) or used < 0:
-            raise ValueError("used must be a whole number of units >= 0")
-        charge = identity.charge
-        if charge is None or not charge.spend() or used == charge.units:
-            return None
-        return charge.adjustment(used)
-
-    def _settle_failed(self, exc: StorageError | None) -> None:
-        if exc is None:  # a custom limiter without QuotaAdjuster: cannot settle
-            _logger.warning("keyguard's limiter cannot settle units (no QuotaAdjuster)")
-        else:  # the type only: a message may hold request data
-            _logger.warning("keyguard could not settle units: %s", type(exc).__name__)
         if self.telemetry is not None:
             self.telemetry.storage_error("limits")
 
@@ -567,7 +343,7 @@ class Guard:
         try:
             record = yield FindKey(digest)
         except StorageError:
-            return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
+            return deny("key_store_unavailable", retry_after=RETRY_WHEN_DOWN)
         try:
             return check_secret(record, digest, utcnow(self.clock))
         except InvalidCredential as exc:
@@ -624,7 +400,7 @@ class Guard:
         try:
             record = yield GetKey(claims.key_id)
         except StorageError:
-            return deny("key_store_unavailable", retry_after=_RETRY_WHEN_DOWN)
+            return deny("key_store_unavailable", retry_after=RETRY_WHEN_DOWN)
         if record is None or record.status(utcnow(self.clock)) is not KeyStatus.ACTIVE:
             return deny("invalid_token")  # a revoked, expired or deleted key stops its tokens
         scopes = tuple(s for s in claims.scopes if scope_covers(record.scopes, s))
@@ -680,7 +456,7 @@ class Guard:
                 admission = yield Hit(HitRequest(record.id, policy, units, lease_id))
             except StorageError:
                 if self.on_limiter_error == "deny":
-                    return deny("limiter_unavailable", retry_after=_RETRY_WHEN_DOWN)
+                    return deny("limiter_unavailable", retry_after=RETRY_WHEN_DOWN)
                 if seen is not None:
                     seen.fault = "limits"
                 unlimited = self._identity(record, method, (), needed, ip, units=units)
@@ -688,7 +464,7 @@ class Guard:
             if not admission.allowed:
                 if seen is not None:
                     seen.limits = admission.states
-                return self._refusal(admission, extra)
+                return refusal(admission, extra)
             states = admission.states
             lease = None if lease_id is None else Lease(record.id, lease_id)
             if policy.quotas:  # the handle settle() uses, with the periods just charged
@@ -698,19 +474,6 @@ class Guard:
         return Allow(identity, headers, lease, units)
 
     # small pure helpers
-
-    def _refusal(self, admission: Admission, extra: Headers) -> Denial:
-        by = admission.denied_by
-        code = "rate_limit_exceeded"
-        if by is not None and by.kind is LimitKind.QUOTA:
-            code = "quota_exceeded"
-        elif by is not None and by.kind is LimitKind.CONCURRENCY:
-            code = "concurrency_limit_exceeded"
-        detail = None if by is None else f"{by.name}: {by.limit}"
-        if admission.retry_after is None and by is not None and by.kind is LimitKind.QUOTA:
-            detail = f"{by.name}: cost exceeds capacity"
-        headers = tuple(limit_headers(admission.states)) + extra
-        return deny(code, detail=detail, retry_after=admission.retry_after, headers=headers)
 
     def _identity(
         self,
