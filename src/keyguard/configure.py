@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from .backends.protocols import KeyBackend
@@ -14,6 +15,7 @@ from .credentials import CredentialConfig
 from .guard import Guard
 from .limiting import RateBackend
 from .oauth.claims import TokenValidator
+from .plans import ServiceLimits
 from .proxies import TrustedProxies
 from .scopes import RouteMap, RouteRule
 from .settings import KeyGuardSettings
@@ -45,12 +47,14 @@ def build_guard(
     clock: Clock | None = None,
     tokens: TokenValidator | None = None,
     usage: UsageRecorder | None = None,
+    services: Mapping[str, ServiceLimits] | None = None,
 ) -> Guard:
     """A guard configured by ``settings``; stores are opened unless given.
 
     ``rules`` map routes to the scopes they need; ``public`` and
     ``settings.public_paths`` are served without a key; ``tokens`` validates OAuth
-    access tokens in the bearer slot. The caller owns the stores and closes them,
+    access tokens in the bearer slot; ``services`` gives each service (scope) its cost
+    in units and windows of its own. The caller owns the stores and closes them,
     except the usage store opened here, which the recorder closes with itself
     (``guard.usage.close()``; the ASGI middleware does it on lifespan shutdown).
     """
@@ -96,6 +100,7 @@ def build_guard(
         tokens=tokens,
         default_plan=settings.default_plan,
         usage=usage,
+        services=services,
     )
 
 
