@@ -437,7 +437,15 @@ class KeyGuardSettings(BaseSettings):
         """A usage store for :attr:`usage_url` (else :attr:`storage_url`); the caller
         closes it."""
         url = self.usage_url or self.storage_url
-        return open_usage_store(url, **self.backend_options(url))
+        options = self.backend_options(url)
+        if options:  # Redis expires rows itself, by the same retention the recorder prunes
+            retention = self.usage_retention()
+            options.update(
+                minute_retention=retention.minute,
+                hour_retention=retention.hour,
+                day_retention=retention.day,
+            )
+        return open_usage_store(url, **options)
 
     def usage_retention(self) -> Retention:
         """The retention of usage rows, per granularity."""

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -427,3 +428,30 @@ def test_urls_open_through_the_registry(
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ConfigurationError, match=r"keyguard\[redis\]"):
         open_usage_store(redis_server.url)
+
+
+def test_settings_retention_reaches_the_redis_rows(
+    redis_server: RedisServer, admin: redis.Redis
+) -> None:
+    """KEYGUARD_USAGE_RETENTION_* set how long Redis keeps rows, as SQLite prunes them."""
+    from keyguard.settings import KeyGuardSettings
+
+    settings = KeyGuardSettings(
+        storage_url=redis_server.url,
+        redis_prefix=new_prefix(),
+        redis_timeout=10,
+        usage_retention_minutes=timedelta(hours=3),
+        usage_retention_hours=timedelta(days=10),
+    )
+    store = settings.open_usage_store()
+    try:
+        store.write(UsageBatch(tuple(row(T0, granularity=g) for g in Granularity)))
+    finally:
+        store.close()
+    ttls = {
+        g: admin.ttl(next(iter(admin.scan_iter(f"*{settings.redis_prefix}*:{g.value}:{T0}:*"))))
+        for g in Granularity
+    }
+    assert 3 * 3600 - 5 <= ttls[Granularity.MINUTE] <= 3 * 3600
+    assert 10 * DAY - 5 <= ttls[Granularity.HOUR] <= 10 * DAY
+    assert 400 * DAY - 5 <= ttls[Granularity.DAY] <= 400 * DAY
