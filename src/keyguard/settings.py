@@ -51,6 +51,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .alerts.config import AlertConfig, AlertRules, Webhook
 from .backends.protocols import KeyBackend, KeyStore
 from .backends.registry import open_key_store, open_usage_store
 from .clock import Clock
@@ -206,6 +207,12 @@ class KeyGuardSettings(BaseSettings):
     :param usage_retention_minutes: how long per-minute rows are kept.
     :param usage_retention_hours: how long per-hour rows are kept.
     :param usage_retention_days: how long per-day rows are kept.
+    :param alert_webhook_url: the operator's webhook for every alert (http or https).
+    :param alert_webhook_secret: its HMAC-SHA256 signing secret (16 characters or more).
+    :param alert_webhook_allow_private: let that URL be a private or loopback address.
+    :param alert_quota_thresholds: shares of a daily or monthly quota that alert
+        (``0.8,1.0``).
+    :param alert_expiry_days: alert when a key expires within these many days (``7,1``).
 
     .. versionadded:: 0.1
     """
@@ -251,6 +258,11 @@ class KeyGuardSettings(BaseSettings):
     usage_retention_minutes: timedelta = timedelta(days=2)
     usage_retention_hours: timedelta = timedelta(days=90)
     usage_retention_days: timedelta = timedelta(days=400)
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: SecretStr | None = None
+    alert_webhook_allow_private: bool = False
+    alert_quota_thresholds: Annotated[tuple[float, ...], NoDecode] = (0.8, 1.0)
+    alert_expiry_days: Annotated[tuple[float, ...], NoDecode] = (7.0, 1.0)
 
     @classmethod
     def settings_customise_sources(
@@ -312,6 +324,8 @@ class KeyGuardSettings(BaseSettings):
         "trusted_proxies",
         "public_paths",
         "deny_ips",
+        "alert_quota_thresholds",
+        "alert_expiry_days",
         mode="before",
     )
     @classmethod
@@ -446,6 +460,30 @@ class KeyGuardSettings(BaseSettings):
                 day_retention=retention.day,
             )
         return open_usage_store(url, **options)
+
+    def alert_config(self) -> AlertConfig:
+        """The alert rules and the operator's webhook these settings describe.
+
+        :raises ConfigurationError: a webhook URL without a secret (or the reverse), or
+            values the alert rules refuse.
+        """
+        if (self.alert_webhook_url is None) != (self.alert_webhook_secret is None):
+            raise ConfigurationError(
+                "alert_webhook_url and alert_webhook_secret go together: set both or neither"
+            )
+        webhooks: tuple[Webhook, ...] = ()
+        if self.alert_webhook_url is not None and self.alert_webhook_secret is not None:
+            webhooks = (
+                Webhook(
+                    self.alert_webhook_url,
+                    self.alert_webhook_secret.get_secret_value(),
+                    allow_private=self.alert_webhook_allow_private,
+                ),
+            )
+        rules = AlertRules(
+            quota_thresholds=self.alert_quota_thresholds, expiry_days=self.alert_expiry_days
+        )
+        return AlertConfig(rules=rules, webhooks=webhooks)
 
     def usage_retention(self) -> Retention:
         """The retention of usage rows, per granularity."""

@@ -309,3 +309,40 @@ def test_open_store_and_manager() -> None:
     assert [d.valid_until for d in old] == [clock.datetime() + timedelta(hours=1)]
     assert manager.authenticate(Secret(issued.key.reveal())).id == issued.record.id
     assert settings.manager(actor="ops").flows.actor == "ops"
+
+
+def test_usage_and_alert_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Usage retention reads durations; alert thresholds read comma lists; the webhook
+    and its secret become the operator's signed receiver (the secret never shown)."""
+    monkeypatch.setenv("KEYGUARD_USAGE_RETENTION_MINUTES", "6h")
+    monkeypatch.setenv("KEYGUARD_ALERT_QUOTA_THRESHOLDS", "0.5, 0.9,1")
+    monkeypatch.setenv("KEYGUARD_ALERT_EXPIRY_DAYS", "[14, 3]")
+    monkeypatch.setenv("KEYGUARD_ALERT_WEBHOOK_URL", "https://hooks.example.com/keyguard")
+    monkeypatch.setenv("KEYGUARD_ALERT_WEBHOOK_SECRET", "whsec-0123456789abcdef")
+    settings = KeyGuardSettings()
+    assert settings.usage_retention().minute == 6 * 3600
+    config = settings.alert_config()
+    assert config.rules.quota_thresholds == (0.5, 0.9, 1.0)
+    assert sorted(config.rules.expiry_days) == [3.0, 14.0]
+    (webhook,) = config.webhooks
+    assert webhook.url == "https://hooks.example.com/keyguard"
+    assert "whsec" not in repr(settings) + repr(config)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"alert_webhook_url": "https://hooks.example.com/x"},
+        {"alert_webhook_url": "ftp://hooks.example.com/x", "alert_webhook_secret": "s" * 20},
+        {"alert_quota_thresholds": (1.5,)},
+    ],
+)
+def test_bad_alert_settings_are_configuration_errors(values: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        KeyGuardSettings(**values).alert_config()
+
+
+@pytest.mark.parametrize("value", ["30m", "4000d"])
+def test_usage_retention_has_bounds(value: str) -> None:
+    with pytest.raises(ValidationError):
+        KeyGuardSettings(usage_retention_days=value)  # type: ignore[arg-type]
