@@ -455,3 +455,53 @@ def test_settings_retention_reaches_the_redis_rows(
     assert 3 * 3600 - 5 <= ttls[Granularity.MINUTE] <= 3 * 3600
     assert 10 * DAY - 5 <= ttls[Granularity.HOUR] <= 10 * DAY
     assert 400 * DAY - 5 <= ttls[Granularity.DAY] <= 400 * DAY
+
+
+def test_a_batch_sent_again_counts_once(store: RedisUsageStore) -> None:
+    """A writer's batch that is sent again (its reply was lost after Redis applied it,
+    or it failed part-way) adds each row and each error entry once; a later batch of
+    the writer, or another writer's, adds as usual."""
+    batch = UsageBatch((row(T0), row(T0 + 60)), (entry(1),), writer="w1", sequence=1)
+    store.write(batch)
+    store.write(batch)
+    store.write(UsageBatch((row(T0),), (entry(2),), writer="w1", sequence=2))
+    store.write(UsageBatch((row(T0),), (entry(3),), writer="w2", sequence=1))
+    found = {r.start: r.counts.requests for r in store.rows(everything())}
+    assert found == {T0: 3, T0 + 60: 1}
+    assert [e.request_id for e in store.errors("key_1")] == ["req-3", "req-2", "req-1"]
+
+
+def test_a_lost_reply_is_retried_without_double_counting(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The recorder sends a failed batch again, unchanged; Redis applied it the first
+    time (only the reply was lost), so the retry must not add it twice."""
+    from keyguard.usage.recorder import UsageRecorder
+    from keyguard.usage.records import UsageEvent
+
+    class LostReply(RedisUsageStore):
+        lose = 1
+
+        def write(self, batch: UsageBatch) -> None:
+            super().write(batch)
+            if self.lose:
+                self.lose -= 1
+                raise StorageError("the reply was lost")
+
+    store = LostReply.from_url(redis_server.url, prefix=prefix, **PATIENT)
+    recorder = UsageRecorder(store)
+    try:
+        for n in range(10):
+            recorder.record(
+                UsageEvent(T0 + n, "key_1", "acme", "svc", "GET", "/", 500, 0.01, 1, None,
+                           None, f"r{n}")
+            )  # fmt: skip
+            if n == 4:
+                recorder.flush()  # applied, but reported as failed: held for retry
+        recorder.flush()
+        (day,) = store.rows(RowQuery(Granularity.DAY, 0, 2**40))
+        assert day.counts.requests == 10
+        assert len(store.errors("key_1", 100)) == 10
+    finally:
+        recorder.close()
+        store.close()

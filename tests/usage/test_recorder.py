@@ -221,3 +221,33 @@ def test_prune_uses_the_retention(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_options_are_refused(option: str, value: object) -> None:
     with pytest.raises(ConfigurationError):
         UsageRecorder(MemoryUsageStore(), **{option: value})  # type: ignore[arg-type]
+
+
+def test_a_failed_batch_is_sent_again_unchanged_before_newer_ones() -> None:
+    """Same writer, same sequence, same rows: a store that applied part of it can skip
+    that part; newer counts wait and go in the next numbered batch."""
+    store = FlakyStore()
+    sent: list[UsageBatch] = []
+    write = store.write
+
+    def spy(batch: UsageBatch) -> None:
+        sent.append(batch)
+        write(batch)
+
+    store.write = spy  # type: ignore[method-assign]
+    recorder = UsageRecorder(store)
+    recorder.record(event(1))
+    recorder.flush()  # sequence 1, written
+    store.down = True
+    recorder.record(event(2))
+    recorder.flush()  # sequence 2 fails
+    recorder.record(event(3))
+    recorder.flush()  # sequence 2 again, fails; event 3 waits
+    store.down = False
+    recorder.flush()  # sequence 2 again, then sequence 3
+    recorder.close()
+    assert [b.sequence for b in sent] == [1, 2, 2, 2, 3]
+    assert len({b.writer for b in sent}) == 1
+    assert sent[1] == sent[2] == sent[3]
+    (day,) = store.rows(RowQuery(Granularity.DAY, 0, 2**40))
+    assert day.counts.requests == 3

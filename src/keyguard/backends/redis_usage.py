@@ -11,9 +11,11 @@ the prefix and ``<k>``, ``<s>``, ``<o>`` the key id, service and owner percent-e
 
     {P:k:<k>}:<granularity>:<start>:<s>  hash  n, e, d, u (requests, errors, denied,
                                                units), t (latency sum, s), o (owner),
-                                               s:<2xx>, r:<reason>, h:<bucket>
+                                               s:<2xx>, r:<reason>, h:<bucket>,
+                                               w:<writer> (its last batch number)
     {P:k:<k>}:i:<granularity>            zset  "<start>:<s>" by start: a key's rows
     {P:k:<k>}:errors                     list  ErrorEntry JSON, newest first (LPUSH+LTRIM)
+    {P:k:<k>}:errors:w                   hash  writer -> the last batch appended to the log
     {P:o:<o>}:keys                       set   the key ids an owner's rows were written for
     {P:all}:keys                         set   every key id with rows
 
@@ -33,7 +35,9 @@ costs a few bytes; an idle set expires), and a stale id in them costs one empty 
 Failures: every redis-py error becomes :class:`~keyguard.errors.StorageError` naming
 only the action. Nothing is retried here but a ``NOSCRIPT`` reply (the script did not
 run: after a restart or ``SCRIPT FLUSH``), sent again as ``EVAL``. A batch that failed
-part-way may have been partly applied (see ``docs/storage.md``).
+part-way may have been partly applied; the recorder sends it again unchanged, and each
+row and error log skips a writer's batch number it has already seen (``w:<writer>``
+fields, see :data:`ADD_ROW`), so the retry adds only the rest.
 
 .. versionadded:: 0.1
 """
@@ -77,12 +81,21 @@ _DAMAGED = "a stored usage row is damaged"
 # KEYS: the row's hash, its key's index for the granularity.
 # ARGV: counts JSON (UsageCounts.to_json), latency sum, "1" and the owner or "0", the
 #       row's TTL, start, index member, the exclusive score below which index members
-#       point to expired rows, the index's TTL.
+#       point to expired rows, the index's TTL, the batch's writer and sequence.
 # The same HINCRBYs a pipeline would send, but as one command per row: a batch costs
 # the client a small fraction of the packing and parsing, and a row and its index
-# entry change together.
+# entry change together. A row remembers the last sequence each writer added to it
+# (field w:<writer>), so a batch sent again after a failure part-way adds each row
+# once (its writer sends batches in order, a failed one again before any later one).
 ADD_ROW = """
 local row, c = KEYS[1], cjson.decode(ARGV[1])
+if ARGV[10] ~= '' then
+  local mark = 'w:' .. ARGV[10]
+  if tonumber(redis.call('HGET', row, mark) or '0') >= tonumber(ARGV[11]) then
+    return 0
+  end
+  redis.call('HSET', row, mark, ARGV[11])
+end
 redis.call('HINCRBY', row, 'n', c.n)
 redis.call('HINCRBY', row, 'e', c.e)
 redis.call('HINCRBY', row, 'd', c.d)
@@ -103,6 +116,24 @@ redis.call('EXPIRE', KEYS[2], ARGV[9])
 return 1
 """
 _ADD_ROW_SHA = hashlib.sha1(ADD_ROW.encode(), usedforsecurity=False).hexdigest()
+
+# KEYS: a key's error log, the hash of the last sequence each writer appended to it.
+# ARGV: writer, sequence, entries kept, TTL, then the entries, oldest first.
+ADD_ERRORS = """
+if ARGV[1] ~= '' then
+  if tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0') >= tonumber(ARGV[2]) then
+    return 0
+  end
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+for i = 5, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+_ADD_ERRORS_SHA = hashlib.sha1(ADD_ERRORS.encode(), usedforsecurity=False).hexdigest()
+_SCRIPTS = {_ADD_ROW_SHA: ADD_ROW, _ADD_ERRORS_SHA: ADD_ERRORS}
 
 
 def _esc(text: str) -> str:
@@ -146,13 +177,18 @@ class _Layout:
     def errors(self, key_id: str) -> str:
         return self.tag(key_id) + ":errors"
 
+    def error_marks(self, key_id: str) -> str:
+        return self.tag(key_id) + ":errors:w"
+
 
 def _member(start: int, service: str) -> str:
     return f"{start}:{_esc(service)}"
 
 
-def _add_row(layout: _Layout, row: UsageRow, retention: Mapping[Granularity, int]) -> Command:
-    """The ``EVALSHA`` of :data:`ADD_ROW` that adds ``row``."""
+def _add_row(
+    layout: _Layout, row: UsageRow, retention: Mapping[Granularity, int], batch: UsageBatch
+) -> Command:
+    """The ``EVALSHA`` of :data:`ADD_ROW` that adds ``row`` of ``batch``."""
     g, start = Granularity(row.granularity), int(row.start)
     member = _member(start, row.service)
     ttl = retention[g]
@@ -161,7 +197,17 @@ def _add_row(layout: _Layout, row: UsageRow, retention: Mapping[Granularity, int
         "EVALSHA", _ADD_ROW_SHA, 2, layout.row(row.key_id, g, member),
         layout.index(row.key_id, g), row.counts.to_json(),
         repr(float(row.counts.latency_sum)), *owner, ttl, start, member,
-        f"({start - ttl - g.seconds}", ttl + _SLACK,
+        f"({start - ttl - g.seconds}", ttl + _SLACK, batch.writer, int(batch.sequence),
+    )  # fmt: skip
+
+
+def _add_errors(
+    layout: _Layout, key_id: str, entries: list[str], batch: UsageBatch, *, keep: int, ttl: int
+) -> Command:
+    """The ``EVALSHA`` of :data:`ADD_ERRORS` appending a key's entries, oldest first."""
+    return (
+        "EVALSHA", _ADD_ERRORS_SHA, 2, layout.errors(key_id), layout.error_marks(key_id),
+        batch.writer, int(batch.sequence), keep, ttl, *entries,
     )  # fmt: skip
 
 
@@ -171,7 +217,7 @@ def _settle(commands: Sequence[Command], replies: list[Any]) -> list[tuple[int, 
     again: list[tuple[int, Command]] = []
     for at, reply in enumerate(replies):
         if isinstance(reply, NoScriptError) and commands[at][0] == "EVALSHA":
-            again.append((at, ("EVAL", ADD_ROW, *commands[at][2:])))
+            again.append((at, ("EVAL", _SCRIPTS[str(commands[at][1])], *commands[at][2:])))
         elif isinstance(reply, BaseException):
             raise reply
     return again
@@ -186,6 +232,8 @@ def _decode(fields: Mapping[Any, Any]) -> tuple[str | None, UsageCounts]:
             kind, _, rest = name.partition(":")
             if name == "o":
                 owner = value
+            elif kind == "w":
+                continue  # a writer's last sequence (see ADD_ROW), not a count
             elif name == "t":
                 counts.latency_sum = float(value)
             elif name in _SCALARS:
@@ -324,7 +372,7 @@ class RedisUsageStore:
 
     def _write_flow(self, batch: UsageBatch) -> Flow[None]:
         layout, retention = self._layout, self.retention
-        commands = [_add_row(layout, row, retention) for row in batch.rows]
+        commands = [_add_row(layout, row, retention, batch) for row in batch.rows]
         key_ids = {row.key_id for row in batch.rows}
         owners: dict[str, set[str]] = {}
         for row in batch.rows:
@@ -340,15 +388,10 @@ class RedisUsageStore:
         logs: dict[str, list[str]] = {}
         for entry in batch.errors:
             logs.setdefault(entry.key_id, []).append(entry.to_json())
-        keep = max(1, batch.error_log_size)
+        keep, ttl = max(1, batch.error_log_size), retention[Granularity.DAY]
         for key_id, entries in logs.items():
-            log = layout.errors(key_id)
-            # LPUSH a b c leaves c first: the batch's last entry is the newest.
-            commands += [
-                ("LPUSH", log, *entries[-keep:]),
-                ("LTRIM", log, 0, keep - 1),
-                ("EXPIRE", log, retention[Granularity.DAY]),
-            ]
+            # Pushed oldest first: the batch's last entry ends up first, the newest.
+            commands.append(_add_errors(layout, key_id, entries[-keep:], batch, keep=keep, ttl=ttl))
         if commands:
             yield commands
 

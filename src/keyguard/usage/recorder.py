@@ -5,7 +5,9 @@ lock). A daemon thread wakes every ``flush_interval`` seconds, drains the queue,
 the events up per key x service x minute, hour and day, and writes one batch — so a
 crash loses at most one interval of counts. A store that fails is counted in
 telemetry (``keyguard.storage.errors{store="usage"}``), logged at most once a minute,
-and its batch is kept (bounded) and retried: recording never fails a request.
+and its batch is sent again, unchanged and numbered as before, ahead of anything
+newer (which waits, bounded, in the process): a store that applied part of it before
+failing skips that part (see :class:`UsageBatch`). Recording never fails a request.
 ``close()`` (called at interpreter exit, and by the adapters on ASGI lifespan
 shutdown) writes what is left.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import secrets
 import threading
 import time
 import weakref
@@ -144,6 +147,9 @@ class UsageRecorder:
         self._listeners: list[UsageListener] = []
         self._pending: dict[_RowKey, UsageRow] = {}
         self._pending_errors: deque[ErrorEntry] = deque(maxlen=max(1, max_pending))
+        self._unsent: UsageBatch | None = None  # the batch that failed, to send again
+        self._writer = secrets.token_hex(8)
+        self._sequence = 0
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,18 +246,32 @@ class UsageRecorder:
         self._pending_errors.extend(errors)
 
     def _write(self) -> None:
+        if self._unsent is not None:  # first the batch that failed, exactly as it was
+            if not self._send(self._unsent):
+                return
+            self._unsent = None
         if not self._pending and not self._pending_errors:
             return
+        self._sequence += 1
         batch = UsageBatch(
-            tuple(self._pending.values()), tuple(self._pending_errors), self.error_log_size
+            tuple(self._pending.values()),
+            tuple(self._pending_errors),
+            self.error_log_size,
+            self._writer,
+            self._sequence,
         )
+        self._pending = {}
+        self._pending_errors.clear()
+        if not self._send(batch):
+            self._unsent = batch
+
+    def _send(self, batch: UsageBatch) -> bool:
         try:
             self.store.write(batch)
         except Exception as exc:  # a failing store never fails a request
             self._failed("write", exc)
-            return
-        self._pending = {}
-        self._pending_errors.clear()
+            return False
+        return True
 
     def _notify(self, events: list[UsageEvent]) -> None:
         for listener in self._listeners:
@@ -277,7 +297,7 @@ class UsageRecorder:
                 "keyguard could not %s usage (%s); %d rows held for retry",
                 what,
                 type(exc).__name__,
-                len(self._pending),
+                len(self._pending) + (0 if self._unsent is None else len(self._unsent.rows)),
             )
 
 

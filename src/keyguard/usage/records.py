@@ -228,12 +228,19 @@ class ErrorEntry:
 class UsageBatch:
     """One flush: row deltas to add (every granularity) and error entries to append.
 
-    A store keeps at most ``error_log_size`` newest entries per key.
+    A store keeps at most ``error_log_size`` newest entries per key. ``writer`` names
+    the recorder that made the batch and ``sequence`` numbers its batches from 1: a
+    recorder sends a failed batch again, unchanged, before any later one, so a store
+    that may apply part of a batch before failing (Redis pipelines) skips what it
+    already applied from that writer and sequence. ``""`` and ``0`` ask for no
+    such check (a store that applies batches whole needs none).
     """
 
     rows: tuple[UsageRow, ...]
     errors: tuple[ErrorEntry, ...] = ()
     error_log_size: int = 100
+    writer: str = ""
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
