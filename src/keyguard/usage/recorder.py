@@ -84,25 +84,42 @@ def error_entry(event: UsageEvent) -> ErrorEntry:
 
 
 def aggregate(events: Sequence[UsageEvent]) -> tuple[list[UsageRow], list[ErrorEntry]]:
-    """Each event counted once per granularity; the error entries among them."""
-    rows: dict[_RowKey, UsageRow] = {}
+    """Each event counted once per granularity; the error entries among them.
+
+    Events are added up per minute only; hour and day rows are then the sums of their
+    minute rows, so the per-event work (on the flusher thread, but under the GIL the
+    requests share) is one row update, not three.
+    """
+    minutes: dict[_RowKey, UsageRow] = {}
     errors: list[ErrorEntry] = []
+    minute = Granularity.MINUTE
     for event in events:
-        bucket = bucket_of(event.latency)
-        service = event.service or ""
-        for granularity in Granularity:
-            start = granularity.floor(event.at)
-            key = (granularity, start, event.key_id, service)
-            row = rows.get(key)
-            if row is None:
-                row = rows[key] = UsageRow(
-                    granularity, start, event.key_id, service, event.owner, UsageCounts()
-                )
-            row.owner = event.owner
-            row.counts.add(event, bucket)
+        start = int(event.at // 60) * 60
+        key = (minute, start, event.key_id, event.service or "")
+        row = minutes.get(key)
+        if row is None:
+            row = minutes[key] = UsageRow(
+                minute, start, event.key_id, event.service or "", event.owner, UsageCounts()
+            )
+        row.owner = event.owner
+        row.counts.add(event, bucket_of(event.latency))
         if event.status >= 400 or event.reason is not None:
             errors.append(error_entry(event))
-    return list(rows.values()), errors
+    rows = list(minutes.values())
+    for granularity in (Granularity.HOUR, Granularity.DAY):
+        wider: dict[_RowKey, UsageRow] = {}
+        for row in minutes.values():
+            start = granularity.floor(row.start)
+            key = (granularity, start, row.key_id, row.service)
+            into = wider.get(key)
+            if into is None:
+                into = wider[key] = UsageRow(
+                    granularity, start, row.key_id, row.service, row.owner, UsageCounts()
+                )
+            into.owner = row.owner
+            into.counts.merge(row.counts)
+        rows += wider.values()
+    return rows, errors
 
 
 class UsageRecorder:
