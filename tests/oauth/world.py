@@ -57,7 +57,10 @@ class World:
         self.attacker = attacker
         self.face = face
         self.clock = FakeClock(NOW)
-        self.source = RemoteJWKS(idp.url + "/jwks", clock=self.clock, timeout=0.3, **(source or {}))
+        # A loopback fetch takes milliseconds, but on a loaded two-core machine a short
+        # timeout fails it now and then; the slow-endpoint case sets its own.
+        fetch: dict[str, Any] = {"timeout": 2.0, **(source or {})}
+        self.source = RemoteJWKS(idp.url + "/jwks", clock=self.clock, **fetch)
         settings: dict[str, Any] = {"keys": self.source, "issuer": ISS, "audience": AUD}
         settings.update(validator or {})
         self.validator = JWTValidator(**settings)
