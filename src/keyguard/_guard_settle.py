@@ -179,7 +179,10 @@ class Settlements:
         if isinstance(used, bool) or not isinstance(used, int) or used < 0:
             raise ValueError("used must be a whole number of units >= 0")
         charge = identity.charge
-        if charge is None or not charge.spend() or used == charge.units:
+        if charge is None or not charge.spend():
+            return None
+        charge.settled = used  # what usage records as the request's units
+        if used == charge.units:
             return None
         return charge.adjustment(used)
 

@@ -51,7 +51,7 @@ class UsageReports:
                 request.route_id or request.path,
                 status,
                 time.perf_counter() - started,
-                allow.cost,
+                allow.cost if identity.charge is None else identity.charge.units_used(),
                 None,
                 identity.client_ip,
                 self._request_id(request),

@@ -33,7 +33,7 @@ class Charge:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_adding", "_at", "_policy", "_spent", "_states", "bucket", "units")
+    __slots__ = ("_adding", "_at", "_policy", "_spent", "_states", "bucket", "settled", "units")
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class Charge:
         self._policy, self._states, self._at = policy, states, wall
         self._spent = threading.Lock()
         self._adding = threading.Lock()
+        self.settled: int | None = None  # the units it was settled to, once it is
 
     def spend(self) -> bool:
         """Whether this call is the one that settles (``True`` once, then ``False``)."""
@@ -95,6 +96,10 @@ class Charge:
 
     def __deepcopy__(self, memo: object) -> Charge:
         return self
+
+    def units_used(self) -> int:
+        """What the request cost: the units it was settled to, else those reserved."""
+        return self.units if self.settled is None else self.settled
 
     def __repr__(self) -> str:  # no policy internals
         return f"Charge(units={self.units}, spent={self.spent})"

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.core.test_settle import START, World
+from tests.core.test_settle import START, World, req
 
 from keyguard.backends.memory_limiter import MemoryRateStore
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
 from keyguard.denials import Denial
 from keyguard.errors import StorageError
+from keyguard.guard import Allow
 from keyguard.limiting import Admission, HitRequest
 from keyguard.testing import FakeClock
 
@@ -119,3 +120,24 @@ def test_quota_never_counts_more_than_reserved_or_used(
         assert world.used()["daily"] == held <= 1000
     world.guard.settle(identity, used)
     assert world.used()["daily"] == min(used, 1000)  # over the limit reads as the limit
+
+
+def test_usage_records_the_units_a_request_settled_to() -> None:
+    """Usage counts what a request really cost: the settled units, else the reserved."""
+    from keyguard.backends.memory_usage import MemoryUsageStore
+    from keyguard.usage.recorder import UsageRecorder
+    from keyguard.usage.records import Granularity, RowQuery
+
+    clock = FakeClock(START)
+    world = World(MemoryRateStore(clock=clock), clock)
+    store = MemoryUsageStore()
+    world.guard.usage = UsageRecorder(store, clock=clock)
+    settled, reserved = world.admit(cost=100), world.admit()
+    assert world.guard.reserve(reserved, 49) is None
+    world.guard.settle(settled, 7)
+    for identity in (settled, reserved):
+        allow = Allow(identity, cost=identity.units)
+        world.guard.finished(req(world.secret), allow, 200, 0.0)
+    world.guard.usage.close()
+    (day,) = store.rows(RowQuery(Granularity.DAY, 0, 2**40))
+    assert day.counts.units == 7 + 50
