@@ -9,12 +9,14 @@ Redis is a failure, because every Redis test must run there.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,3 +204,290 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+# -- R3: partitions -------------------------------------------------------------------
+
+FORWARD, BLACKHOLE, DROP_UP, DROP_DOWN = "forward", "blackhole", "drop-up", "drop-down"
+
+
+class PartitionProxy:
+    """A TCP proxy on loopback between clients and one server, that can partition them.
+
+    Modes (switched at any time, for every connection at once):
+
+    * ``forward``: bytes pass both ways;
+    * ``blackhole``: connections are accepted and kept, but bytes are dropped both ways
+      -- no RST, no FIN: to either side the other simply stops answering, as when a
+      firewall or a dead link drops packets;
+    * ``drop-up`` / ``drop-down``: only client→server (requests never arrive) or only
+      server→client (requests run, replies are lost) is dropped.
+
+    A dropped byte is gone, not delayed: a client that timed out has closed its
+    connection anyway, and pub/sub messages lost this way are the "invalidation lost"
+    case the key cache's TTL bounds. One thread serves every connection (``select``);
+    at most ``max_connections`` pairs are open (more are refused by closing them), and
+    :meth:`close` stops the thread and closes every socket. The proxy records when
+    each connection was accepted and when each client→server chunk arrived, so a test
+    can tell how often keyguard touched the network while its breaker was open.
+    """
+
+    def __init__(self, target_port: int, *, max_connections: int = 256) -> None:
+        self.target_port = target_port
+        self.mode = FORWARD
+        self.max_connections = max_connections
+        self.accepted: list[float] = []  # time.monotonic() of each accepted connection
+        self.requests: list[float] = []  # ... of each client→server chunk read
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._peer: dict[socket.socket, socket.socket] = {}
+        self._upstream: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="partition-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in (FORWARD, BLACKHOLE, DROP_UP, DROP_DOWN):
+            raise ValueError(mode)
+        self.mode = mode
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._upstream)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with self._lock:
+            for sock in [self._listener, *self._peer]:
+                sock.close()
+            self._peer.clear()
+            self._upstream.clear()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                watched = [self._listener, *self._peer]
+            try:
+                readable, _, _ = select.select(watched, [], [], 0.05)
+            except (OSError, ValueError):  # a socket closed under select: look again
+                continue
+            for sock in readable:
+                if sock is self._listener:
+                    self._accept()
+                else:
+                    self._pump(sock)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self._listener.accept()
+        except OSError:
+            return
+        self.accepted.append(time.monotonic())
+        if len(self._upstream) >= self.max_connections:
+            client.close()
+            return
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
+        except OSError:
+            client.close()  # the server itself is down: as if nothing listened
+            return
+        for sock in (client, server):
+            sock.settimeout(1)
+        with self._lock:
+            self._peer[client], self._peer[server] = server, client
+            self._upstream.add(server)
+
+    def _pump(self, sock: socket.socket) -> None:
+        with self._lock:
+            other = self._peer.get(sock)
+            upstream = sock in self._upstream
+        if other is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:  # one side closed: close the pair, as a proxy does
+            self._drop_pair(sock, other)
+            return
+        if not upstream:
+            self.requests.append(time.monotonic())
+        mode = self.mode
+        dropped = mode in (BLACKHOLE, DROP_DOWN if upstream else DROP_UP)
+        if dropped:
+            return
+        try:
+            other.sendall(data)
+        except OSError:
+            self._drop_pair(sock, other)
+
+    def _drop_pair(self, one: socket.socket, other: socket.socket) -> None:
+        with self._lock:
+            for sock in (one, other):
+                self._peer.pop(sock, None)
+                self._upstream.discard(sock)
+                sock.close()
+
+
+@pytest.fixture
+def partition(own_redis: RedisServer) -> Iterator[PartitionProxy]:
+    """A :class:`PartitionProxy` in front of a redis-server of the test's own."""
+    proxy = PartitionProxy(own_redis.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+# -- R3: Sentinel -----------------------------------------------------------------------
+
+SENTINEL_SERVICE = "kgmain"
+
+
+@dataclass
+class SentinelProcess(RedisServer):
+    """``redis-server <config> --sentinel``: a sentinel needs a config file it can rewrite."""
+
+    monitor_port: int = 0
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 2000
+
+    def start(self) -> None:
+        config = self.workdir / f"sentinel-{self.port}.conf"
+        if not config.exists():  # a restart keeps what the sentinel learnt
+            config.write_text(
+                f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
+                f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {self.monitor_port} 2\n"
+                f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {SENTINEL_SERVICE} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n"
+            )
+        args = [self.binary, str(config), "--sentinel"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(self.port)
+
+
+@dataclass
+class SentinelGroup:
+    """A master, one replica and three sentinels (quorum 2), on free loopback ports."""
+
+    master: RedisServer
+    replica: RedisServer
+    sentinels: list[SentinelProcess]
+    cli: str
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}"
+
+    def ask(self, port: int, *command: str) -> str:
+        """One redis-cli command against ``port``; its output ('' if it cannot answer)."""
+        try:
+            done = subprocess.run(
+                [self.cli, "-p", str(port), *command],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=2,
+            )
+        except subprocess.TimeoutExpired:
+            return ""
+        return done.stdout
+
+    def master_port(self, sentinel: SentinelProcess | None = None) -> int | None:
+        """The master's port as a sentinel (the first by default) reports it."""
+        asked = sentinel or self.sentinels[0]
+        out = self.ask(asked.port, "sentinel", "get-master-addr-by-name", SENTINEL_SERVICE)
+        lines = out.split()
+        return int(lines[1]) if len(lines) == 2 and lines[1].isdigit() else None
+
+    def wait_for_master(self, port: int, deadline: float = 15.0) -> float:
+        """Wait (bounded) until every sentinel names ``port`` the master; seconds it took."""
+        start = time.monotonic()
+        while time.monotonic() - start < deadline:
+            if all(self.master_port(s) == port for s in self.sentinels):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise RuntimeError(f"the sentinels did not name port {port} the master")
+
+    def stop(self) -> None:
+        for process in (*self.sentinels, self.replica, self.master):
+            process.stop()
+
+
+def _info_field(group: SentinelGroup, port: int, section: str, name: str) -> str | None:
+    for line in group.ask(port, "info", section).splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == name:
+            return value
+    return None
+
+
+def _wait_until(condition: Callable[[], bool], what: str, deadline: float = 15.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def start_sentinel_group(tmp: Path) -> SentinelGroup:
+    """Start the group and wait until the sentinels know the replica and each other, so
+    a failover can be agreed (quorum 2 of 3) and has a replica to promote."""
+    server_bin, cli = require_redis_binaries()
+    processes: list[RedisServer] = []
+    try:
+        master = RedisServer(server_bin, tmp, extra=("--dbfilename", "master.rdb"))
+        master.start()
+        processes.append(master)
+        replica = RedisServer(
+            server_bin,
+            tmp,
+            extra=("--replicaof", "127.0.0.1", str(master.port), "--dbfilename", "replica.rdb"),
+        )
+        replica.start()
+        processes.append(replica)
+        sentinels = []
+        for _ in range(3):
+            sentinel = SentinelProcess(server_bin, tmp, monitor_port=master.port)
+            sentinel.start()
+            processes.append(sentinel)
+            sentinels.append(sentinel)
+        group = SentinelGroup(master, replica, sentinels, cli)
+        _wait_until(
+            lambda: _info_field(group, replica.port, "replication", "master_link_status") == "up",
+            "the replica to sync",
+        )
+
+        def agreed() -> bool:
+            for s in sentinels:
+                out = group.ask(s.port, "sentinel", "master", SENTINEL_SERVICE).split()
+                state = dict(zip(out[::2], out[1::2], strict=False))
+                if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != "2":
+                    return False
+            return True
+
+        _wait_until(agreed, "the sentinels to know the replica and each other")
+        return group
+    except BaseException:
+        for process in processes:
+            process.stop()
+        raise
+
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A Sentinel-managed master and replica of the test's own (it may fail them over)."""
+    group = start_sentinel_group(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop()
