@@ -1,6 +1,6 @@
 """The server under load: uvicorn on loopback, wrk for 10 s per configuration.
 
-``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--json]``
+``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--json] [--only SQLite]``
 
 Configurations, each a fresh uvicorn process (one worker) serving the same GET
 route: the bare route, then keyguard in front of it (``KeyGuardMiddleware`` with a
@@ -65,6 +65,7 @@ def bare_app() -> FastAPI:
 def guarded_app() -> FastAPI:
     """The route behind keyguard, on ``KEYGUARD_STORAGE_URL``; writes a fresh key to
     the file named by ``KEYGUARD_BENCH_KEY_FILE``."""
+
     settings = KeyGuardSettings()
     guard = build_guard(settings, rules=(RouteRule("GET", ROUTE, SCOPE),))
     manager = settings.manager(guard.backends.keys)
@@ -198,8 +199,9 @@ def _load(
     return asyncio.run(_httpx_load(url, key, seconds, connections)), "httpx"
 
 
-def run(seconds: int, connections: int) -> list[Figures]:
-    """Every configuration, one after the other."""
+def run(seconds: int, connections: int, only: tuple[str, ...] = ()) -> list[Figures]:
+    """Every configuration (or those whose name contains one of ``only``, and the
+    bare route), one after the other."""
     results = []
     with tempfile.TemporaryDirectory() as tmp, _redis() as redis_url:
         key_file = Path(tmp) / "key"
@@ -225,6 +227,8 @@ def run(seconds: int, connections: int) -> list[Figures]:
                 )
             )
         for name, factory, storage in configs:
+            if only and name != "bare route" and not any(o in name for o in only):
+                continue
             with _server(factory, {**storage, KEY_FILE_VAR: str(key_file)}) as base:
                 key = key_file.read_text() if "guarded" in factory else None
                 _load(base + ROUTE, key, 1, connections)  # warm-up
@@ -238,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--only", action="append", default=[], help="memory, SQLite or Redis (repeatable)"
+    )
     args = parser.parse_args(argv)
-    results = run(args.seconds, args.connections)
+    results = run(args.seconds, args.connections, tuple(args.only))
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return 0

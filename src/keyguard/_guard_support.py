@@ -22,9 +22,11 @@ __all__ = [
     "internal_error",
     "ip_text",
     "is_preflight",
+    "queues_releases",
     "refusal",
     "safe_request_id",
     "telemetry_for",
+    "threaded",
 ]
 
 _logger = logging.getLogger("keyguard")
@@ -77,6 +79,20 @@ def telemetry_for(option: Telemetry | bool | None) -> Telemetry | None:
 def in_process(store: object) -> bool:
     """Whether a store declares ``in_process = True``: its methods never block."""
     return getattr(store, "in_process", False) is True
+
+
+def queues_releases(store: object) -> bool:
+    """Whether a rate store declares ``queues_releases = True``: its ``arelease`` only
+    queues the release and never suspends, so a caller needs no task or shield to
+    keep a cancellation from cutting it short."""
+    return getattr(store, "queues_releases", False) is True
+
+
+def threaded(store: object) -> bool:
+    """Whether a store declares ``threaded = True``: its async face is no more than
+    its sync methods run in a worker thread (``asyncio.to_thread``), so a caller may
+    as well run several of its calls in one such thread itself."""
+    return getattr(store, "threaded", False) is True
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")

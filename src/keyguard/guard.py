@@ -9,6 +9,8 @@ touch storage: the key lookup and the single atomic limiter call.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import itertools
 import logging
 import secrets
@@ -26,8 +28,10 @@ from ._guard_support import (
     internal_error,
     ip_text,
     is_preflight,
+    queues_releases,
     refusal,
     telemetry_for,
+    threaded,
 )
 from ._guard_usage import UsageReports
 from .backends.memory_limiter import MemoryRateStore
@@ -199,6 +203,16 @@ class Guard(UsageReports, Settlements):
             and (limiter is None or in_process(limiter))
             and (tokens is None or tokens.in_process)
         )
+        # Stores whose async face only runs their sync methods in a worker thread
+        # (SQLite): the async check makes one thread hop for the whole decision, not
+        # one per storage call, each with its own hand-offs between threads.
+        self.threaded = (
+            not self.inline
+            and all(in_process(s) or threaded(s) for s in (keys, limiter) if s is not None)
+            and (tokens is None or tokens.in_process)
+        )
+        # A release that never suspends: the ASGI adapter awaits it with no task+shield.
+        self.quick_release = self.inline or limiter is None or queues_releases(limiter)
         self._lease_prefix = secrets.token_hex(6)
         self._lease_ids = itertools.count()
         self._deny = IPDenyList.from_cidrs(tuple(deny_ips)) if deny_ips else None
@@ -233,6 +247,8 @@ class Guard(UsageReports, Settlements):
         """Decide on ``request`` without blocking the event loop (ASGI)."""
         if self.inline:
             return self.check(request, scope=scope, cost=cost)
+        if self.threaded:
+            return await self._acheck_in_thread(request, scope, cost)
         started = time.perf_counter()
         seen = None if self.telemetry is None else self.telemetry.begin()
         decision: Decision | None = None
@@ -246,6 +262,32 @@ class Guard(UsageReports, Settlements):
         if type(decision) is Denial and decision.key_id is not None:
             self._refused(request, decision, started)
         return decision
+
+    async def _acheck_in_thread(
+        self, request: RequestInfo, scope: str | None, cost: int | None
+    ) -> Decision:
+        """:meth:`check` in one worker thread, in a copy of the caller's context (so
+        the check's span is a child of the server's).
+
+        A check that takes a concurrency slot may run on after this task is
+        cancelled, and nobody would give the slot back (T82): the thread's work is
+        shielded, and on cancellation waited for and its lease released.
+        """
+        run = contextvars.copy_context().run
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, run, self._check_args, request, scope, cost)
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            decision = await work
+            if isinstance(decision, Allow) and decision.lease is not None:
+                await self.arelease(decision.lease)
+            raise
+
+    def _check_args(
+        self, request: RequestInfo, scope: str | None, cost: int | None
+    ) -> Decision:  # run_in_executor passes no keywords
+        return self.check(request, scope=scope, cost=cost)
 
     def release(self, lease: Lease) -> None:
         """Give a concurrency slot back; harmless to call twice.

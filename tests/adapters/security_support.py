@@ -312,6 +312,16 @@ class SpyLimiter:
         self.entered = threading.Event()
         self.done = threading.Event()
 
+    @property
+    def threaded(self) -> bool:
+        """As the wrapped store: on SQLite the guard then runs its checks in one thread hop."""
+        return getattr(self.inner, "threaded", False) is True
+
+    @property
+    def queues_releases(self) -> bool:
+        """As the wrapped store: on SQLite an async release only queues (never suspends)."""
+        return getattr(self.inner, "queues_releases", False) is True
+
     def _count_hit(self) -> None:
         self.hits += 1
         if self.fail_hits:

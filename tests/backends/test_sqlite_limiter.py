@@ -220,6 +220,9 @@ def test_idle_rows_are_deleted_lazily(tmp_path: Path) -> None:
 # -- faults -------------------------------------------------------------------------
 
 
+_BUCKET_WRITES = ("INSERT INTO rl_buckets", "UPDATE rl_buckets")
+
+
 class Faulty(sqlite3.Connection):
     """A connection that fails the way a full or dying disk does, when told to."""
 
@@ -232,7 +235,7 @@ class Faulty(sqlite3.Connection):
             super().execute(f"PRAGMA max_page_count = {Faulty.max_pages}")
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if Faulty.fail_writes and sql.lstrip().startswith("INSERT INTO rl_buckets"):
+        if Faulty.fail_writes and sql.lstrip().startswith(_BUCKET_WRITES):
             raise sqlite3.OperationalError("disk I/O error")
         return super().execute(sql, *args)
 

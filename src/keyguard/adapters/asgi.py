@@ -110,6 +110,9 @@ class _Releaser:
         if self._guard.inline:  # nothing to await, so nothing a cancellation can cut short
             self._guard.release(lease)
             return
+        if self._guard.quick_release:  # queued, never suspends: nothing to cut short either
+            await self._guard.arelease(lease)
+            return
         task = asyncio.ensure_future(self._guard.arelease(lease))
         try:
             await asyncio.shield(task)

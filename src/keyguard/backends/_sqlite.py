@@ -4,6 +4,14 @@ Each thread gets its own connection (SQLite connections are not to be shared acr
 threads, and never across ``fork()``: a child opens its own). Writes run in
 ``BEGIN IMMEDIATE`` transactions, because a deferred transaction that reads and then
 writes fails at once with SQLITE_BUSY and ignores ``busy_timeout``.
+
+The writers of one process queue on a lock per database file before they ask SQLite
+for its write lock. SQLite's own busy handler waits by sleeping (1, 2, 5, 10 ... 100
+ms between tries), so threads of one server that contend for the file through it
+spend most of their time asleep while the lock is free: under load that alone cut a
+server's admissions per second by four and put its p99 above 100 ms. The process lock
+hands over at once; ``busy_timeout`` still bounds the wait for it, and SQLite's handler
+is left to arbitrate between processes only.
 """
 
 from __future__ import annotations
@@ -18,6 +26,21 @@ from contextlib import AbstractContextManager, contextmanager
 from ..errors import StorageError
 
 __all__ = ["Connections", "storage_errors"]
+
+# One writer lock per (process, database): SQLite's lock is per file, so every store on
+# a file (keys, limits, usage) queues on the same one. Keyed by pid too, so that a
+# child forked while a parent thread held a lock starts with free ones.
+_WRITERS: dict[tuple[int, str], threading.RLock] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_lock(uri: str) -> threading.RLock:
+    key = (os.getpid(), uri.partition("?")[0])
+    with _WRITERS_LOCK:
+        lock = _WRITERS.get(key)
+        if lock is None:
+            lock = _WRITERS[key] = threading.RLock()
+        return lock
 
 
 @contextmanager
@@ -52,13 +75,29 @@ class Connections:
 
     def __init__(self, store: str, *, timeout: float, pragmas: Sequence[str] = ()) -> None:
         self.store = store
-        self.uri = ""  # set by the store once it knows its file
+        self._uri = ""
+        self._writer: threading.RLock | None = None
         self._timeout = timeout
         self._pragmas = tuple(pragmas)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
         self._closed = False
+
+    @property
+    def uri(self) -> str:
+        """The database every thread connects to; set by the store once it knows it."""
+        return self._uri
+
+    @uri.setter
+    def uri(self, value: str) -> None:
+        self._uri = value
+        self._writer = _writer_lock(value)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     def errors(self, action: str) -> AbstractContextManager[None]:
         """:func:`storage_errors` for this store."""
@@ -95,17 +134,31 @@ class Connections:
 
     @contextmanager
     def write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: all of the body, or none of it."""
+        """One ``BEGIN IMMEDIATE`` transaction: all of the body, or none of it.
+
+        Taken after this process's other writers of the file (see the module), each
+        wait bounded by ``busy_timeout``.
+        """
         conn = self.get()
-        with storage_errors(self.store, action):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        writer = self._writer
+        if writer is None:  # pragma: no cover - every store sets its uri first
+            raise StorageError(f"the SQLite {self.store} has no database")
+        # RLock: a write inside another on the same file (the same thread) reaches
+        # SQLite, which refuses it after busy_timeout as it always did, not a deadlock.
+        if not writer.acquire(timeout=self._timeout):
+            raise StorageError(f"the SQLite {self.store} could not {action}: busy")
+        try:
+            with storage_errors(self.store, action):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        finally:
+            writer.release()
 
     def close(self) -> None:
         """Close every thread's connection; later use raises :class:`StorageError`."""

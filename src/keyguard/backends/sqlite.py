@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..codec import audit_from_dict, audit_to_dict, record_from_storage, storage_dict
 from ..errors import ConfigurationError, StorageError
@@ -162,6 +162,10 @@ class SQLiteKeyStore:
 
     .. versionadded:: 0.1
     """
+
+    # The async face is the sync one in a worker thread: a caller may run several
+    # calls in one thread itself (see Guard.acheck).
+    threaded: ClassVar[bool] = True
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: int = 5000) -> None:
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int) or busy_timeout < 0:
