@@ -9,6 +9,8 @@ token endpoint in front. ``uvicorn --factory reference_app:create_app`` works to
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TextIO
@@ -17,9 +19,16 @@ import httpx
 from fastapi import APIRouter, FastAPI
 from starlette.routing import BaseRoute
 
-from keyguard import AsyncKeyManager, Guard, KeyGuardSettings, build_guard, load_settings
+from keyguard import (
+    AsyncKeyManager,
+    KeyGuardError,
+    KeyGuardSettings,
+    build_guard,
+    load_settings,
+)
 from keyguard.adapters.asgi import KeyGuardMiddleware
 from keyguard.adapters.fastapi import declared_rules
+from keyguard.alerts import Alerts
 from keyguard.credentials import CredentialConfig
 from keyguard.oauth import OAuthASGI, TokenEndpoint, TokenIssuer
 
@@ -29,6 +38,8 @@ from .body_limit import BodyLimit
 from .catalogue import SERVICES
 from .config import ServerSettings
 from .context import Context
+from .dashboard import PUBLIC_PATHS as DASHBOARD_PATHS
+from .dashboard import install_dashboard
 from .docs import install_docs
 from .errors import install_error_handlers
 from .first_run import first_run
@@ -39,7 +50,16 @@ from .services import audio, chat, image, text
 
 __all__ = ["PUBLIC", "create_app"]
 
-PUBLIC = ("/healthz", "/readyz", "/docs", "/openapi.json", "/static/swagger-ui/*")
+_logger = logging.getLogger("reference_app")
+
+PUBLIC = (
+    "/healthz",
+    "/readyz",
+    "/docs",
+    "/openapi.json",
+    "/static/swagger-ui/*",
+    *DASHBOARD_PATHS,  # the page and its files only; its data comes from /v1 with a key
+)
 OAUTH_ISSUER = "urn:keyguard:reference"
 OAUTH_AUDIENCE = "urn:keyguard:reference:api"
 SERVICE_ROUTERS = (text.router, image.router, audio.router, chat.router)
@@ -62,14 +82,15 @@ def _providers(
     return Providers(upstream, upstream, images, OfflineSpeech()), upstream
 
 
-def _with_services(guard: Guard) -> Guard:
-    """Give the guard the per-service costs.
-
-    ``build_guard`` takes no ``services`` yet (reported as a library gap), so the
-    documented ``Guard.services`` table is set here, once, before anything is served.
-    """
-    guard.services = dict(SERVICES)
-    return guard
+async def _scan_keys(alerts: Alerts, manager: AsyncKeyManager, interval: float) -> None:
+    """Look for expiring and expired keys now and every ``interval`` seconds: those
+    alerts have no request to trigger them. A failed scan is logged and retried."""
+    while True:
+        try:
+            await alerts.ascan(manager)
+        except KeyGuardError as exc:  # a store that is down: try again next time
+            _logger.warning("alert scan failed: %s", type(exc).__name__)
+        await asyncio.sleep(interval)
 
 
 def _routes(routers: list[APIRouter]) -> list[BaseRoute]:
@@ -95,12 +116,16 @@ def create_app(
     settings = settings or load_settings()
     server = server or ServerSettings()
     keys = settings.open_store()
+    # The operator's rules and webhook from KEYGUARD_ALERT_*; owners set their own
+    # webhooks and thresholds at /v1/alerts/settings.
+    alerts = Alerts(settings.alert_config())
     manager = AsyncKeyManager(
         keys,
         key_format=settings.key_format(),
         hasher=settings.hasher(),
         default_grace=settings.rotation_grace,
         actor="reference_app",
+        on_event=alerts.key_changed,
     )
     credentials = CredentialConfig(
         methods=settings.credential_methods,
@@ -115,24 +140,34 @@ def create_app(
     issuer = TokenIssuer(issuer=OAUTH_ISSUER, audience=OAUTH_AUDIENCE)
     declared = _routes(routers)
     rules = tuple(declared_rules(declared))
-    guard = _with_services(
-        build_guard(settings, keys=keys, rules=rules, public=PUBLIC, tokens=issuer.validator())
+    guard = build_guard(
+        settings,
+        keys=keys,
+        rules=rules,
+        public=PUBLIC,
+        tokens=issuer.validator(),
+        services=SERVICES,
     )
     ctx.meter.bind(guard)
     ctx.guard = guard
+    if guard.usage is not None:
+        alerts.attach(guard.usage)
     where = f"http://{host}:{port or 8000}"
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await first_run(manager, where, default_plan=settings.default_plan, out=console)
+        scans = asyncio.create_task(_scan_keys(alerts, manager, server.alert_scan_interval))
         try:
             yield
         finally:
+            scans.cancel()
             if upstream is not None:
                 await upstream.aclose()
             await keys.aclose()
             if guard.backends.limiter is not None:
                 await guard.backends.limiter.aclose()
+            await asyncio.to_thread(alerts.close, 1.0)
 
     app = FastAPI(
         title="keyguard reference server",
@@ -146,10 +181,12 @@ def create_app(
         app.include_router(router)
     app.include_router(health.router(guard))
     install_docs(app, declared)
+    install_dashboard(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=server.max_body_bytes)  # inside: after the key
     app.add_middleware(KeyGuardMiddleware, guard=guard)
     # Outermost: the token endpoint and its JWKS answer before the guard looks.
     app.add_middleware(OAuthASGI, endpoint=TokenEndpoint.from_guard(guard, issuer))
     app.state.guard = guard
+    app.state.alerts = alerts
     return app

@@ -26,6 +26,8 @@ class ServerSettings(BaseSettings):
     :param upstream_key: the server's key for the upstream; never the caller's.
     :param max_body_bytes: larger request bodies get 413.
     :param provider_timeout: seconds a provider call may take before 504.
+    :param alert_scan_interval: seconds between scans of the keys for expiring and
+        expired ones (the alerts that no request triggers).
     """
 
     model_config = SettingsConfigDict(
@@ -36,3 +38,4 @@ class ServerSettings(BaseSettings):
     upstream_key: SecretStr | None = None
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 2 * 1024 * 1024
     provider_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    alert_scan_interval: Annotated[float, Field(ge=1, le=86_400)] = 3600.0

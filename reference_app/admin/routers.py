@@ -8,7 +8,7 @@ from collections.abc import Callable
 from fastapi import APIRouter
 
 from ..context import Context
-from . import keys, plans, quota_requests, usage, whoami
+from . import alerts, keys, plans, quota_requests, usage, whoami
 
 __all__ = ["ROUTERS"]
 
@@ -18,4 +18,5 @@ ROUTERS: tuple[Callable[[Context], APIRouter], ...] = (
     quota_requests.router,
     usage.router,
     whoami.router,
+    alerts.router,
 )
