@@ -129,6 +129,11 @@ def _changing(api: APIRouter, ctx: Context) -> None:
         given = body.model_fields_set
         if "owner" in given and not actor.admin:
             raise ApiError(403, "owner_not_allowed", "Only an admin moves a key.", param="owner")
+        if body.never_expires and body.expires_in is not None:
+            raise ApiError(
+                400, "invalid_value", "Give expires_in or never_expires, not both.",
+                param="never_expires",
+            )  # fmt: skip
         if body.scopes is not None:
             actor.check_scopes(body.scopes)
         if body.plan is not None or body.limits is not None:
@@ -142,6 +147,7 @@ def _changing(api: APIRouter, ctx: Context) -> None:
             limits=body.limits.overrides() if body.limits is not None else UNSET,
             ip_allow=tuple(body.ip_allow) if body.ip_allow is not None else UNSET,
             metadata=dict(body.metadata) if body.metadata is not None else UNSET,
+            expires_at=None if body.never_expires else UNSET,
         )
         async with manager_errors():
             updated = await ctx.manager.update(

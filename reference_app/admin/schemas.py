@@ -72,6 +72,7 @@ class KeyUpdate(_In):
     limits: LimitsIn | None = None
     ip_allow: Cidrs | None = None
     expires_in: Annotated[str, Field(max_length=32)] | None = None
+    never_expires: Annotated[bool, Field(description="true: clear the expiry")] = False
     metadata: dict[str, JsonValue] | None = None
 
 

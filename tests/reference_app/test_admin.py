@@ -170,3 +170,19 @@ def test_t60_the_secret_is_in_no_listing_or_audit(server: Server) -> None:
     for path in ("/v1/keys", f"/v1/keys/{record['id']}", "/v1/keys?owner=canary"):
         assert key not in server.call("GET", path, server.admin).text
     assert key[8:] not in server.call("GET", "/v1/whoami", server.demo).text
+
+
+def test_an_expiry_can_be_set_and_cleared(server: Server) -> None:
+    _, record = server.new_key(name="temp", owner="acme", expires_in="7d")
+    path = f"/v1/keys/{record['id']}"
+    assert server.call("GET", path, server.admin).json()["expires_at"] is not None
+    later = server.call("PATCH", path, server.admin, json={"expires_in": "30d"}).json()
+    assert later["expires_at"] > record["expires_at"]
+    cleared = server.call("PATCH", path, server.admin, json={"never_expires": True})
+    assert cleared.status_code == 200
+    assert cleared.json()["expires_at"] is None
+    both = server.call(
+        "PATCH", path, server.admin, json={"never_expires": True, "expires_in": "1d"}
+    )
+    assert both.status_code == 400
+    assert both.json()["error"]["param"] == "never_expires"

@@ -201,7 +201,7 @@ function formBody() {
     plan: $('key-plan').value,
     limits,
     ip_allow: $('key-ips').value.split(/[\s,]+/).filter(Boolean),
-    expires_in: $('key-expiry').value.trim() || null,
+    expires_in: $('key-expiry').value.trim().toLowerCase() === 'never' ? 'never' : ($('key-expiry').value.trim() || null),
   };
 }
 
@@ -216,7 +216,11 @@ function changes(key, body) {
   if (body.plan !== key.plan) patch.plan = body.plan;
   if (!same(body.limits, key.limits)) patch.limits = body.limits;
   if (!same(body.ip_allow, key.ip_allow)) patch.ip_allow = body.ip_allow;
-  if (body.expires_in) patch.expires_in = body.expires_in;
+  if (body.expires_in === 'never') {
+    if (key.expires_at) patch.never_expires = true;
+  } else if (body.expires_in) {
+    patch.expires_in = body.expires_in;
+  }
   return patch;
 }
 
@@ -233,7 +237,7 @@ async function submitForm(event) {
     } else {
       if (!Object.values(body.limits).some((v) => v !== null)) delete body.limits;
       if (!state.me.admin || !body.owner) delete body.owner;
-      if (!body.expires_in) delete body.expires_in;
+      if (!body.expires_in || body.expires_in === 'never') delete body.expires_in;
       const issued = await api('POST', '/v1/keys', body);
       $('dlg-key').close();
       reveal(issued, `Copy your new key “${issued.record.name}”`);
