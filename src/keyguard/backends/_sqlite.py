@@ -20,12 +20,13 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
-from ..errors import StorageError
+from ..errors import ConfigurationError, StorageError
 
-__all__ = ["Connections", "storage_errors"]
+__all__ = ["Connections", "file_path", "open_file", "storage_errors"]
 
 # One writer lock per (process, database): SQLite's lock is per file, so every store on
 # a file (keys, limits, usage) queues on the same one. Keyed by pid too, so that a
@@ -168,3 +169,37 @@ class Connections:
         with storage_errors(self.store, "close the database"):
             for slot in slots:
                 slot.conn.close()
+
+
+def file_path(url: str) -> str:
+    """The path of a ``sqlite:///relative.db`` or ``sqlite:////absolute/path.db`` URL."""
+    rest = url.removeprefix("sqlite://")
+    if rest == url or not rest.startswith("/") or len(rest) == 1:
+        raise ConfigurationError(
+            "a SQLite URL reads sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    return rest[1:]
+
+
+def open_file(
+    db: Connections, file: Path, what: str, migrate: Callable[[sqlite3.Connection, str], None]
+) -> str:
+    """Point ``db`` at ``file`` (which must stay where it is), in WAL mode, with its
+    tables made or checked by ``migrate``; the file's name as error messages quote it.
+
+    :raises ConfigurationError: the file's directory is missing (``what`` names the
+        database in the message).
+    """
+    where = repr(str(file))
+    if not file.parent.is_dir():
+        raise ConfigurationError(f"the directory of the {what} database {where} is missing")
+    db.uri = file.as_uri() + "?mode=rw"  # a file deleted under us is an error
+    setup = db.connect(file.as_uri() + "?mode=rwc")
+    try:
+        with db.errors("open the database"):
+            if str(setup.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                setup.execute("PRAGMA journal_mode = WAL")
+            migrate(setup, where)
+    finally:
+        setup.close()
+    return where

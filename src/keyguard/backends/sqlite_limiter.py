@@ -54,7 +54,7 @@ from ..windows import (
     inspect,
     release,
 )
-from ._sqlite import Connections, storage_errors
+from ._sqlite import Connections, file_path, open_file, storage_errors
 
 __all__ = ["DEFAULT_RELEASE_DELAY", "SCHEMA_VERSION", "SQLiteRateStore", "dumps", "loads"]
 
@@ -232,28 +232,12 @@ class SQLiteRateStore:
         )
         self._writes = itertools.count(1)
         file = Path(path).absolute()  # so a later chdir cannot switch files
-        self._where = repr(str(file))
-        if not file.parent.is_dir():
-            raise ConfigurationError(f"the directory of the rate database {self._where} is missing")
-        self._db.uri = file.as_uri() + "?mode=rw"  # a file deleted under us is an error
-        setup = self._db.connect(file.as_uri() + "?mode=rwc")
-        try:
-            with _storage_errors("open the database"):
-                if str(setup.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                    setup.execute("PRAGMA journal_mode = WAL")
-                _migrate(setup, self._where)
-        finally:
-            setup.close()
+        self._where = open_file(self._db, file, "rate", _migrate)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteRateStore:
         """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db``."""
-        rest = url.removeprefix("sqlite://")
-        if rest == url or not rest.startswith("/") or len(rest) == 1:
-            raise ConfigurationError(
-                "a SQLite URL reads sqlite:///relative/path.db or sqlite:////absolute/path.db"
-            )
-        return cls(rest[1:], **options)
+        return cls(file_path(url), **options)
 
     def __repr__(self) -> str:
         return f"SQLiteRateStore({self._where})"

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, StorageError
 from ..usage.records import ErrorEntry, Granularity, RowQuery, UsageBatch, UsageCounts, UsageRow
-from ._sqlite import Connections, storage_errors
+from ._sqlite import Connections, file_path, open_file, storage_errors
 
 __all__ = ["SCHEMA_VERSION", "SQLiteUsageStore"]
 
@@ -162,30 +162,12 @@ class SQLiteUsageStore:
             "usage store", timeout=busy_timeout / 1000, pragmas=("PRAGMA synchronous = NORMAL",)
         )
         file = Path(path).absolute()  # so a later chdir cannot switch files
-        self._where = repr(str(file))
-        if not file.parent.is_dir():
-            raise ConfigurationError(
-                f"the directory of the usage database {self._where} is missing"
-            )
-        self._db.uri = file.as_uri() + "?mode=rw"  # a file deleted under us is an error
-        setup = self._db.connect(file.as_uri() + "?mode=rwc")
-        try:
-            with _storage_errors("open the database"):
-                if str(setup.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                    setup.execute("PRAGMA journal_mode = WAL")
-                _migrate(setup, self._where)
-        finally:
-            setup.close()
+        self._where = open_file(self._db, file, "usage", _migrate)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteUsageStore:
         """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db``."""
-        rest = url.removeprefix("sqlite://")
-        if rest == url or not rest.startswith("/") or len(rest) == 1:
-            raise ConfigurationError(
-                "a SQLite URL reads sqlite:///relative/path.db or sqlite:////absolute/path.db"
-            )
-        return cls(rest[1:], **options)
+        return cls(file_path(url), **options)
 
     def __repr__(self) -> str:
         return f"SQLiteUsageStore({self._where})"
