@@ -9,20 +9,17 @@ must equal what was sent, count for count, on memory, SQLite, Redis and Redis Cl
 from __future__ import annotations
 
 import random
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.redis_support import RedisCluster, RedisServer
+from tests.backends.test_usagestore_contract import open_usage_backend
 
 from keyguard.adapters.wsgi import KeyGuardWSGIMiddleware
 from keyguard.backends.memory import MemoryKeyStore
 from keyguard.backends.memory_limiter import MemoryRateStore
-from keyguard.backends.memory_usage import MemoryUsageStore
-from keyguard.backends.sqlite_usage import SQLiteUsageStore
 from keyguard.guard import Guard
 from keyguard.manager import KeyManager
 from keyguard.plans import Plan
@@ -57,20 +54,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     ]
 )
 def usage_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageBackend]:
-    store: UsageBackend
-    if request.param == "memory":
-        store = MemoryUsageStore()
-    elif request.param == "sqlite":
-        store = SQLiteUsageStore(tmp_path / "usage.db")
-    else:
-        from keyguard.backends.redis_usage import RedisUsageStore
-
-        deployment: RedisServer | RedisCluster = request.getfixturevalue(
-            "redis_server" if request.param == "redis" else "redis_cluster"
-        )
-        store = RedisUsageStore.from_url(
-            deployment.url, prefix=f"kgu-{uuid.uuid4().hex[:10]}", socket_timeout=10
-        )
+    """A fresh store of each backend, opened as the usage-store contract opens them."""
+    store = open_usage_backend(request.param, request, tmp_path)
     yield store
     store.close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -178,34 +178,14 @@ class ErrorEntry:
     request_id: str
 
     def to_dict(self) -> dict[str, JSON]:
-        """For people and APIs: the time as ISO-8601 UTC, the key's id left out."""
-        return {
-            "at": datetime.fromtimestamp(self.at, UTC).isoformat().replace("+00:00", "Z"),
-            "status": self.status,
-            "code": self.code,
-            "message": self.message,
-            "method": self.method,
-            "route": self.route,
-            "service": self.service,
-            "request_id": self.request_id,
-        }
+        """For people and APIs: the time as ISO-8601 UTC, the key's id and owner left out."""
+        shown: dict[str, JSON] = asdict(self)
+        del shown["key_id"], shown["owner"]
+        shown["at"] = datetime.fromtimestamp(self.at, UTC).isoformat().replace("+00:00", "Z")
+        return shown
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "at": self.at,
-                "key_id": self.key_id,
-                "owner": self.owner,
-                "service": self.service,
-                "method": self.method,
-                "route": self.route,
-                "status": self.status,
-                "code": self.code,
-                "message": self.message,
-                "request_id": self.request_id,
-            },
-            separators=(",", ":"),
-        )
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ErrorEntry:
