@@ -101,19 +101,25 @@ def _scheme(url: object, kind: str, known: dict[str, Factory]) -> str:
     return urlsplit(url).scheme
 
 
+def _known(url: object, kind: str, known: dict[str, Factory]) -> tuple[str, Factory]:
+    """The scheme of ``url`` and its factory; an unknown scheme names the known ones."""
+    scheme = _scheme(url, kind, known)
+    factory = known.get(scheme)
+    if factory is None:
+        raise ConfigurationError(
+            f"unknown {kind} scheme {shown(scheme)}; known: "
+            + ", ".join(f"{s}://" for s in sorted(known))
+        )
+    return scheme, factory
+
+
 def open_key_store(url: str, **options: Any) -> KeyBackend:
     """A key store for ``url``: ``memory://``, ``sqlite:///path/keyguard.db``, ...
 
     Raises :class:`ConfigurationError` for a malformed URL or an unknown scheme, naming
     the schemes that are known.
     """
-    scheme = _scheme(url, "storage", _KEY_STORES)
-    factory = _KEY_STORES.get(scheme)
-    if factory is None:
-        raise ConfigurationError(
-            f"unknown storage scheme {shown(scheme)}; known: "
-            + ", ".join(f"{s}://" for s in registered_schemes())
-        )
+    scheme, factory = _known(url, "storage", _KEY_STORES)
     store = factory(url, **options)
     if not isinstance(store, KeyBackend):
         raise ConfigurationError(f"the {scheme}:// factory did not return a key store")
@@ -139,13 +145,7 @@ def open_usage_store(url: str, **options: Any) -> UsageBackend:
     Raises :class:`ConfigurationError` for a malformed URL or an unknown scheme, naming
     the schemes that are known.
     """
-    scheme = _scheme(url, "usage storage", _USAGE_STORES)
-    factory = _USAGE_STORES.get(scheme)
-    if factory is None:
-        raise ConfigurationError(
-            f"unknown usage storage scheme {shown(scheme)}; known: "
-            + ", ".join(f"{s}://" for s in sorted(_USAGE_STORES))
-        )
+    scheme, factory = _known(url, "usage storage", _USAGE_STORES)
     store = factory(url, **options)
     if not isinstance(store, UsageBackend):
         raise ConfigurationError(f"the {scheme}:// factory did not return a usage store")
