@@ -6,7 +6,7 @@ T74), checks every window, quota and the concurrency slot with the arithmetic of
 :mod:`keyguard.windows`, and charges all of them or none. A bucket lives in three keys
 that share one hash tag, so the script runs on Redis Cluster too::
 
-    {kg:<bucket>}:win    hash: a field per window (its slots, msgpack), "x" = expiry
+    {kg:<bucket>}:win    hash: a field per window (its slots, binary), "x" = expiry
     {kg:<bucket>}:quota  hash: a field per quota ("<period id>:<used>"), "x" = expiry
     {kg:<bucket>}:lease  zset: lease id -> expiry (ms)
 
@@ -29,9 +29,15 @@ timed-out reply could charge twice -- except ``NOSCRIPT`` (the script did not ru
 answered by one ``EVAL`` that also caches the script again. A circuit breaker makes a
 dead server cost nothing per request: after ``failure_threshold`` consecutive
 connection failures or timeouts it fails fast for ``recovery_time`` seconds, then lets
-one probe through. An ``ahit`` cancelled mid-command leaves no reply in the pool:
-redis-py (>= 4.5.5) disconnects a connection whose read or write was interrupted
-(CVE-2023-28858), which the tests check.
+one probe through.
+
+The async face's script calls (``ahit``, ``apeek``) on a single server go over a
+pipelined connection of the store's own (:mod:`._resp`): pre-encoded, many concurrent
+calls in one write, replies matched to calls by the connection, in order, so a call
+cancelled mid-command never leaves its reply for the next caller; a timed-out
+connection is aborted, never reused. Everything else, and Sentinel and Cluster, use
+redis-py, whose asyncio client (>= 4.5.5) disconnects a connection whose read or
+write was interrupted (CVE-2023-28858). The tests check both.
 
 .. versionadded:: 0.1
 """
@@ -57,6 +63,7 @@ from ..errors import ConfigurationError, StorageError, shown
 from ..limiting import Adjustment, Admission, HitRequest, LimitKind, LimitPolicy, LimitState
 from ..windows import DEFAULT_LEASE_TTL, DEFAULT_SLOTS, Tuning
 from ._redis_client import AsyncClient, CircuitBreaker, SyncClient, redis_clients
+from ._resp import Pipe, bulk, pipe_for
 
 __all__ = ["ADMIT_SCRIPT", "RedisRateStore"]
 
@@ -77,10 +84,17 @@ ADMIT_SCRIPT: Final = _ADMIT.source
 _WINDOW, _QUOTA, _SLOTS = LimitKind.WINDOW, LimitKind.QUOTA, LimitKind.CONCURRENCY
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # no braces: the prefix sits in a hash tag
 _MAX_PLANS = 4096
+_MAX_BUCKETS = 4096  # buckets whose keys are kept encoded
 # A test clock is not the server's, so keys written on its time live this much longer
 # in real time (a slow test must not see them expire under it).
 _TEST_TTL_PAD_MS = 600_000
 _ALLOWED = Admission(True, ())
+# The admission command's fixed parts, as RESP (see RedisRateStore._packed).
+_EVALSHA = bulk(b"EVALSHA") + bulk(_ADMIT.sha.encode())
+_EVAL = bulk(b"EVAL") + bulk(_ADMIT.source.encode())
+_HIT, _PEEK = bulk(b"hit"), bulk(b"peek")
+_SERVER_TIME = bulk(b"") * 2  # t_ms and wall_us: "" -> the script reads TIME
+_NO_LEASE = bulk(b"")
 DEFAULT_RELEASE_DELAY = 0.01  # seconds an async release may wait to ride on another call
 _MAX_RELEASED = 256  # releases of one bucket carried by one call, at most
 _logger = logging.getLogger("keyguard")
@@ -90,14 +104,19 @@ T = TypeVar("T")
 
 
 class _Plan:
-    """A policy as the script's arguments, and how to read its reply back."""
+    """A policy as the script's arguments, and how to read its reply back.
 
-    __slots__ = ("args", "cap", "shown")
+    ``packed`` is the same arguments as RESP, with the cap before them: the part of a
+    hit's command that never changes, encoded once.
+    """
+
+    __slots__ = ("args", "cap", "items", "packed", "shown")
 
     def __init__(self, policy: LimitPolicy, slots: int) -> None:
         if any(w.seconds < 1 for w in policy.windows):
             raise ValueError("a window must last at least one second")
-        counters = {f"{w.seconds}:{w.scope}": w.seconds for w in policy.windows}
+        # "b": binary slots (admit.lua); earlier msgpack fields are not read, and expire.
+        counters = {f"b{w.seconds}:{w.scope}": w.seconds for w in policy.windows}
         index = {key: n for n, key in enumerate(counters, 1)}
         quotas = list({f"{q.period.value}:{q.scope}": q.period.value for q in policy.quotas})
         args: list[str | int] = [len(counters)]
@@ -105,7 +124,7 @@ class _Plan:
             args += [key, seconds * 1000, max(1, seconds // slots) * 1000]
         args.append(len(policy.windows))
         for w in policy.windows:
-            args += [index[f"{w.seconds}:{w.scope}"], w.limit]
+            args += [index[f"b{w.seconds}:{w.scope}"], w.limit]
         args.append(len(quotas))
         for key in quotas:
             args += [key, key.partition(":")[0]]
@@ -114,6 +133,10 @@ class _Plan:
             args += [quotas.index(f"{q.period.value}:{q.scope}") + 1, q.limit]
         self.args = tuple(args)
         self.cap = policy.concurrency
+        cap = b"" if self.cap is None else str(self.cap).encode()
+        self.packed = bulk(cap) + b"".join(bulk(str(a).encode()) for a in args)
+        # EVALSHA, sha, numkeys, 3 keys, 7 per-call and per-store arguments, the cap
+        self.items = 14 + len(args)
         self.shown = (
             *((w.name, _WINDOW, w.limit, w.seconds) for w in policy.windows),
             *((q.name, _QUOTA, q.limit, None) for q in policy.quotas),
@@ -195,6 +218,11 @@ class RedisRateStore:
         self._pad = "0" if clock is None else str(_TEST_TTL_PAD_MS)
         self._breaker = CircuitBreaker("rate store", threshold, float(cooldown))
         self._plans: dict[int, tuple[LimitPolicy, _Plan]] = {}
+        # The async face's hot path: the script's command pre-packed, on a pipelined
+        # connection of its own (``_resp``), for single servers; else redis-py.
+        self._pipe: Pipe | None = pipe_for(aclient)
+        self._store_args = bulk(self._lease_ms.encode()) + bulk(self._pad.encode())
+        self._bucket_keys: dict[str, bytes] = {}
         self._closed = False
         if (
             isinstance(release_delay, bool)
@@ -283,20 +311,56 @@ class RedisRateStore:
             t, wall = str(round(now * 1000)), str(round(now * 1_000_000))
         cap = "" if plan.cap is None else plan.cap
         mark = "" if lease is None else "=" + lease
-        head: list[str | int] = [mode, t, wall, cost, mark, self._lease_ms, cap, self._pad]
+        head: list[str | int] = [mode, t, wall, cost, mark, self._lease_ms, self._pad, cap]
         # Each lease once: the script counts every one it is given out of the slots held.
         return [3, *self._keys(bucket), *head, *plan.args, *dict.fromkeys(released)]
 
-    def _hit_call(
-        self, request: HitRequest, released: Sequence[str] = ()
-    ) -> tuple[_Plan, list[str | int]]:
+    def _hit_plan(self, request: HitRequest) -> _Plan:
         plan = self._plan(request.policy)
         cost = request.cost
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
             raise ValueError("a hit's cost must be a whole number >= 0")
         if plan.cap is not None and request.lease is None:
             raise ValueError("a policy with a concurrency cap needs a lease id on each hit")
-        return plan, self._call("hit", request.bucket, plan, cost, request.lease, released=released)
+        return plan
+
+    def _hit_call(
+        self, request: HitRequest, released: Sequence[str] = ()
+    ) -> tuple[_Plan, list[str | int]]:
+        plan = self._hit_plan(request)
+        cost, lease = request.cost, request.lease
+        return plan, self._call("hit", request.bucket, plan, cost, lease, released=released)
+
+    def _packed(
+        self,
+        mode: bytes,
+        bucket: str,
+        plan: _Plan,
+        cost: int = 0,
+        lease: str | None = None,
+        *,
+        released: Sequence[str] = (),
+    ) -> tuple[int, bytes]:
+        """:meth:`_call`'s operands as RESP: how many items the whole command has, and
+        its bytes after ``EVALSHA <sha>`` (or ``EVAL <source>``)."""
+        keys = self._bucket_keys.get(bucket)
+        if keys is None:
+            keys = bulk(b"3") + b"".join(bulk(key.encode()) for key in self._keys(bucket))
+            if len(self._bucket_keys) >= _MAX_BUCKETS:
+                self._bucket_keys.clear()
+            self._bucket_keys[bucket] = keys
+        if self._clock is None:
+            times = _SERVER_TIME
+        else:
+            now = self._clock.now()
+            times = bulk(b"%d" % round(now * 1000)) + bulk(b"%d" % round(now * 1_000_000))
+        mark = _NO_LEASE if lease is None else bulk(b"=" + lease.encode())
+        cost_b = bulk(b"%d" % cost)
+        body = b"".join((keys, mode, times, cost_b, mark, self._store_args, plan.packed))
+        if not released:
+            return plan.items, body
+        leases = dict.fromkeys(released)  # each once, as _call
+        return plan.items + len(leases), body + b"".join(bulk(x.encode()) for x in leases)
 
     @staticmethod
     def _admission(plan: _Plan, reply: Sequence[int]) -> Admission:
@@ -363,6 +427,32 @@ class RedisRateStore:
                 await self._aclient.initialize()  # concurrent first callers queue on its lock
                 self._unmapped = False
             return await call()
+
+    async def _afast(self, pipe: Pipe, action: str, items: int, body: bytes) -> Any:  # noqa: ANN401 - the script's reply
+        """One admission script call on the pipelined connection, under the breaker, as
+        :meth:`_guarded` (inlined: this is the hot path). ``NOSCRIPT`` (it did not run)
+        is answered by one ``EVAL``, which caches the script again."""
+        if self._closed:
+            raise StorageError("the Redis rate store is closed")
+        breaker = self._breaker
+        breaker.enter()
+        reachable: bool | None = None
+        head = b"*%d\r\n" % items
+        try:
+            try:
+                reply = await pipe.execute(head + _EVALSHA + body)
+            except NoScriptError:
+                reply = await pipe.execute(head + _EVAL + body)
+            reachable = True
+        except ResponseError as exc:
+            reachable = True
+            raise StorageError(f"the Redis rate store could not {action}") from exc
+        except _FAILED as exc:
+            reachable = False
+            raise StorageError(f"the Redis rate store could not {action}") from exc
+        finally:
+            breaker.leave(reachable)
+        return reply
 
     def _eval(self, operands: list[str | int], script: _Script = _ADMIT) -> Any:  # noqa: ANN401
         client = self._client
@@ -459,12 +549,21 @@ class RedisRateStore:
     async def ahit(self, request: HitRequest) -> Admission:
         if request.policy.is_empty():
             return _ALLOWED
-        released = self._pending.pop(request.bucket, None) if self._pending else None
-        plan, operands = self._hit_call(request, released or ())
+        bucket = request.bucket
+        released = self._pending.pop(bucket, None) if self._pending else None
+        pipe = self._pipe
         try:
-            reply = await self._arun("count a hit", lambda: self._aeval(operands))
+            if pipe is not None:
+                plan = self._hit_plan(request)
+                items, body = self._packed(
+                    _HIT, bucket, plan, request.cost, request.lease, released=released or ()
+                )
+                reply = await self._afast(pipe, "count a hit", items, body)
+            else:
+                plan, operands = self._hit_call(request, released or ())
+                reply = await self._arun("count a hit", lambda: self._aeval(operands))
         except BaseException:
-            self._requeue(request.bucket, released)
+            self._requeue(bucket, released)
             raise
         return self._admission(plan, reply)
 
@@ -534,9 +633,14 @@ class RedisRateStore:
             return ()
         plan = self._plan(policy)
         released = self._pending.pop(bucket, None) if self._pending else None
-        operands = self._call("peek", bucket, plan, released=released or ())
+        pipe = self._pipe
         try:
-            reply = await self._arun("read a bucket", lambda: self._aeval(operands))
+            if pipe is not None:
+                items, body = self._packed(_PEEK, bucket, plan, released=released or ())
+                reply = await self._afast(pipe, "read a bucket", items, body)
+            else:
+                operands = self._call("peek", bucket, plan, released=released or ())
+                reply = await self._arun("read a bucket", lambda: self._aeval(operands))
         except BaseException:
             self._requeue(bucket, released)
             raise
@@ -562,5 +666,7 @@ class RedisRateStore:
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
         self._closed = True
+        if self._pipe is not None:
+            await self._pipe.aclose()
         await self._aclient.aclose()
         self._client.close()

@@ -2,20 +2,26 @@
 -- checked and charged all or nothing, in one atomic step (keyguard/windows.py is the
 -- reference; this is the same arithmetic).
 --
--- KEYS[1] windows hash  {<prefix>:<bucket>}:win    field "<seconds>:<scope>" -> msgpack
---         {width_ms, k0, n_k0, n_k0+1, ...}: slot k holds the requests of
---         ((k-1)*width, k*width] (ms); field "x" -> the ms by which all of it expires
+-- KEYS[1] windows hash  {<prefix>:<bucket>}:win    field "b<seconds>:<scope>" ->
+--         struct "<ddd" (width_ms, k0, total) then one little-endian uint32 per slot
+--         (n_k0, n_k0+1, ...): slot k holds the requests of ((k-1)*width, k*width]
+--         (ms); the first and last slots are never empty; field "x" -> the ms by which
+--         all of it expires. Binary, with its total, so that a hit costs O(1) in the
+--         usual case (no slot left the window, or one did): Lua loops over tables cost
+--         ~50 ns an element here, and a minute window holds 60 slots.
 -- KEYS[2] quotas hash   {<prefix>:<bucket>}:quota  field "<day|month>:<scope>" ->
 --         "<YYYY-MM-DD|YYYY-MM>:<used>"; field "x" as above
 -- KEYS[3] leases zset   {<prefix>:<bucket>}:lease  lease id -> expiry (ms)
 -- One hash tag per bucket, so the script runs on Redis Cluster.
 --
 -- ARGV: mode ("hit" charges, "peek" only reads), t_ms and wall_us (both "" -> server
--- TIME; a test clock passes its own), cost, "=" .. lease ("" none), lease_ms, cap ("" none),
--- ttl_pad_ms, then the policy: nc, nc x (field, span_ms, width_ms); nw, nw x (counter,
--- limit); nq, nq x (field, "day"|"month"); nl, nl x (quota, limit); then any leases of
--- this bucket released since its last call (the client defers releases: ZREM is
--- idempotent, so one carried twice, or after its expiry, is harmless).
+-- TIME; a test clock passes its own), cost, "=" .. lease ("" none); the store's
+-- lease_ms, ttl_pad_ms; the policy's cap ("" none), nc, nc x (field, span_ms,
+-- width_ms); nw, nw x (counter, limit); nq, nq x (field, "day"|"month"); nl, nl x
+-- (quota, limit); then any leases of this bucket released since its last call (the
+-- client defers releases: ZREM is idempotent, so one carried twice, or after its
+-- expiry, is harmless). In that order so the client sends the policy's part
+-- pre-encoded.
 --
 -- Returns {allowed, retry_ms (-1: waiting cannot help), denied (1-based limit, 0 none),
 -- then per limit in order: remaining, reset_ms [, period_s for a quota]}.
@@ -33,7 +39,7 @@ end
 local charging = mode == "hit"
 local cost = charging and tonumber(ARGV[4]) or 0
 local lease = charging and ARGV[5] ~= "" and ARGV[5]:sub(2) or nil -- "=<id>", so "" is an id
-local lease_ms, cap, pad = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local lease_ms, pad, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local QUOTA_MARGIN_MS = 3600000 -- a quota counter outlives its period by an hour
 local floor = math.floor
 
@@ -119,49 +125,76 @@ end
 
 -- read everything first: a WRONGTYPE key fails here, before anything is written
 local wx, qx = nil, nil
-local k0, counts, total = {}, {}, {}
+local k0, body, nslots, total = {}, {}, {}, {}
 if nc > 0 then
   local raw = redis.call("HMGET", KEYS[1], "x", unpack(cfield))
   wx = tonumber(raw[1])
   for c = 1, nc do
-    k0[c], counts[c], total[c] = 0, {}, 0
-    if raw[c + 1] then
-      local packed = cmsgpack.unpack(raw[c + 1])
-      cwidth[c], k0[c] = packed[1], packed[2]
-      for j = 3, #packed do counts[c][j - 2] = packed[j] end
+    k0[c], body[c], nslots[c], total[c] = 0, "", 0, 0
+    local stored = raw[c + 1]
+    if stored and #stored > 24 then
+      cwidth[c], k0[c], total[c] = struct.unpack("<ddd", stored)
+      body[c] = stored:sub(25)
+      nslots[c] = #body[c] / 4
     end
   end
 end
 
--- Drop slots that left the window; fold slots from the future (a clock stepped back)
--- into the current one; strip empty slots at both ends. What changed is kept even by
--- a refusal (at most once a slot), so a step back locks out for one window at most.
+local U32, EMPTY = "<I4", "\0\0\0\0"
+local function slot(c, j) -- the count of counter c's j-th slot (1-based)
+  return (struct.unpack(U32, body[c], 4 * j - 3))
+end
+
+-- The general case, kept as keyguard.windows writes it: drop slots that left the
+-- window, fold slots from the future (a clock stepped back) into the current one,
+-- strip empty slots at both ends. O(slots); only a clock step back takes it.
+local function settle(c, gone, now)
+  local n, first = {}, k0[c]
+  for j = 1, nslots[c] do n[j] = slot(c, j) end
+  local kept, future = {}, 0
+  for j = 1, #n do
+    local k = first + j - 1
+    if j > gone then
+      if k > now then future = future + n[j] else kept[#kept + 1] = n[j] end
+    end
+  end
+  local start = first + math.max(gone, 0)
+  if future > 0 then
+    if #kept == 0 then start = now end
+    while start + #kept - 1 < now do kept[#kept + 1] = 0 end
+    kept[#kept] = kept[#kept] + future
+  end
+  local lo, hi = 1, #kept
+  while lo <= hi and kept[lo] == 0 do lo = lo + 1 end
+  while hi >= lo and kept[hi] == 0 do hi = hi - 1 end
+  local parts, sum = {}, 0
+  for j = lo, hi do parts[#parts + 1] = struct.pack(U32, kept[j]); sum = sum + kept[j] end
+  k0[c], body[c], nslots[c], total[c] = start + lo - 1, table.concat(parts), hi - lo + 1, sum
+  return future
+end
+
+-- Expiry, as settle() but in O(slots dropped) when no slot lies in the future. What
+-- changed is kept even by a refusal (at most once a slot), so a step back locks out
+-- for one window at most.
 local changed = {}
 for c = 1, nc do
-  local n, width, span = counts[c], cwidth[c], cspan[c]
-  if #n > 0 then
-    local first = k0[c]
-    local gone = floor_div(t - span, width) - first + 1 -- slots with k * width <= t - span
+  local n = nslots[c]
+  if n > 0 then
+    local width, first = cwidth[c], k0[c]
+    local gone = floor_div(t - cspan[c], width) - first + 1 -- slots with k * width <= t - span
     local now = ceil_div(t, width)
-    local kept, future = {}, 0
-    for j = 1, #n do
-      local k = first + j - 1
-      if j > gone then
-        if k > now then future = future + n[j] else kept[#kept + 1] = n[j] end
-      end
+    local future = 0
+    if first + n - 1 > now or slot(c, n) == 0 or slot(c, 1) == 0 then
+      future = settle(c, gone, now)
+    elseif gone >= n then
+      k0[c], body[c], nslots[c], total[c] = first + gone, "", 0, 0
+    elseif gone > 0 then
+      local dropped, lo = 0, gone + 1
+      for j = 1, gone do dropped = dropped + slot(c, j) end
+      while slot(c, lo) == 0 do lo = lo + 1 end -- ends: the last slot is not empty
+      k0[c], body[c], nslots[c] = first + lo - 1, body[c]:sub(4 * lo - 3), n - lo + 1
+      total[c] = total[c] - dropped
     end
-    local start = first + math.max(gone, 0)
-    if future > 0 then
-      if #kept == 0 then start = now end
-      while start + #kept - 1 < now do kept[#kept + 1] = 0 end
-      kept[#kept] = kept[#kept] + future
-    end
-    local lo, hi = 1, #kept
-    while lo <= hi and kept[lo] == 0 do lo = lo + 1 end
-    while hi >= lo and kept[hi] == 0 do hi = hi - 1 end
-    local live, sum = {}, 0
-    for j = lo, hi do live[#live + 1] = kept[j]; sum = sum + kept[j] end
-    k0[c], counts[c], total[c] = start + lo - 1, live, sum
     changed[c] = gone > 0 or future > 0
   end
 end
@@ -211,9 +244,7 @@ if cap then
 end
 
 local function packed(c) -- a counter as stored
-  local out = { cwidth[c], k0[c] }
-  for j = 1, #counts[c] do out[j + 2] = counts[c][j] end
-  return cmsgpack.pack(out)
+  return struct.pack("<ddd", cwidth[c], k0[c], total[c]) .. body[c]
 end
 
 local function forget_stale_quotas()
@@ -232,7 +263,7 @@ local function if_charged()
   for w = 1, nw do
     local c, limit = wcounter[w], wlimit[w]
     local used, stop
-    if #counts[c] == 0 then
+    if nslots[c] == 0 then
       if limit < 1 then return nil end
       used, stop = 0, ceil_div(t, cwidth[c]) * cwidth[c] + cspan[c]
     else
@@ -270,15 +301,15 @@ local function verdicts()
   for w = 1, nw do
     index = index + 1
     local c, limit = wcounter[w], wlimit[w]
-    local n, used = counts[c], total[c]
-    local reset = #n == 0 and 0 or k0[c] * cwidth[c] + cspan[c] - t
+    local n, used = nslots[c], total[c]
+    local reset = n == 0 and 0 or k0[c] * cwidth[c] + cspan[c] - t
     if used >= limit then
       local wait = nil
-      if limit >= 1 and #n > 0 then
+      if limit >= 1 and n > 0 then
         local excess, shed = used + 1 - limit, 0
         wait = 0
-        for j = 1, #n do
-          shed = shed + n[j]
+        for j = 1, n do
+          shed = shed + slot(c, j)
           if shed >= excess then wait = (k0[c] + j - 1) * cwidth[c] + cspan[c] - t; break end
         end
       end
@@ -321,21 +352,28 @@ if charging then
     if nc > 0 then
       local fields, x = {}, wx or 0
       for c = 1, nc do
-        local width, n = cwidth[c], counts[c]
+        local width, n = cwidth[c], nslots[c]
         local k = ceil_div(t, width)
-        if #n == 0 then
-          k0[c], n[1] = k, 1
+        if n == 0 then
+          k0[c], body[c], nslots[c] = k, struct.pack(U32, 1), 1
         else
-          local hi = k0[c] + #n - 1
-          while hi < k do n[#n + 1] = 0; hi = hi + 1 end
-          n[#n] = n[#n] + 1
+          local hi = k0[c] + n - 1 -- <= k: settled above
+          if hi == k then
+            body[c] = body[c]:sub(1, -5) .. struct.pack(U32, slot(c, n) + 1)
+          else
+            body[c] = body[c] .. EMPTY:rep(k - hi - 1) .. struct.pack(U32, 1)
+            nslots[c] = n + k - hi
+          end
         end
+        total[c] = total[c] + 1
         fields[#fields + 1] = cfield[c]
         fields[#fields + 1] = packed(c)
         x = math.max(x, k * width + cspan[c])
       end
       redis.call("HSET", KEYS[1], "x", x, unpack(fields))
-      redis.call("PEXPIRE", KEYS[1], math.max(1, x - t) + pad)
+      -- The expiry is absolute (x): set once per change of x, which the longest
+      -- window moves once per slot (24 min for a day), not every hit.
+      if x ~= wx then redis.call("PEXPIRE", KEYS[1], math.max(1, x - t) + pad) end
     end
     if nq > 0 and cost > 0 then
       local fields, x = {}, qx or 0
@@ -346,7 +384,7 @@ if charging then
         x = math.max(x, qend[q] * 1000 + QUOTA_MARGIN_MS)
       end
       redis.call("HSET", KEYS[2], "x", x, unpack(fields))
-      redis.call("PEXPIRE", KEYS[2], math.max(1, x - wall_ms) + pad)
+      if x ~= qx then redis.call("PEXPIRE", KEYS[2], math.max(1, x - wall_ms) + pad) end
     end
     if cap and lease then
       redis.call("ZADD", KEYS[3], t + lease_ms, lease)
@@ -364,7 +402,7 @@ if charging then
   forget_released()
   if cap then redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", t) end
   for c = 1, nc do
-    if changed[c] and #counts[c] > 0 then
+    if changed[c] and nslots[c] > 0 then
       redis.call("HSET", KEYS[1], cfield[c], packed(c))
     elseif changed[c] then
       redis.call("HDEL", KEYS[1], cfield[c])
