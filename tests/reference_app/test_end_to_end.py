@@ -5,57 +5,24 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import KEY
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from .browser_support import start_server
 
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     """``python -m reference_app`` on a free port: base URL, demo key, admin key."""
-    port = _free_port()
-    log = tmp_path / "stderr.txt"
-    env = {**os.environ, "KEYGUARD_STORAGE_URL": f"sqlite:///{tmp_path / 'kg.db'}"}
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reference_app", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    base = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(base + "/healthz", timeout=1).raise_for_status()
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        demo, admin = KEY.findall(log.read_text())[:2]
-        yield base, demo, admin
+        yield server.base, server.demo, server.admin
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.process.terminate()
+        server.process.wait(timeout=10)
 
 
 def test_the_served_api_end_to_end(running: tuple[str, str, str]) -> None:
