@@ -42,6 +42,8 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -58,7 +60,7 @@ from redis.retry import Retry
 
 from ..errors import ConfigurationError, StorageError, shown
 
-__all__ = ["AsyncClient", "CircuitBreaker", "SyncClient", "redis_clients"]
+__all__ = ["AsyncClient", "CircuitBreaker", "SyncClient", "loop_clients", "redis_clients"]
 
 SyncClient: TypeAlias = redis.Redis | redis.cluster.RedisCluster
 AsyncClient: TypeAlias = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -255,6 +257,31 @@ class _AsyncSentinelMaster(redis.asyncio.Redis):
         await super().aclose(close_connection_pool)
         for sentinel in _sentinels(self):
             await sentinel.aclose()
+
+
+def loop_clients(
+    url: str, guarded: Callable[[str], AbstractContextManager[object]], **options: Any
+) -> tuple[SyncClient, Callable[[], AsyncClient]]:
+    """The sync client for ``url``, and a maker of async clients, one per event loop (a
+    redis-py async client belongs to the loop that opened its connections).
+
+    The first async client is the one built beside the sync client; each later call
+    builds a new pair and keeps its async half. ``guarded("connect")`` wraps every
+    connection attempt, so a store's driver errors read as its own.
+    """
+    with guarded("connect"):  # a Cluster client reads the slot map at once
+        sync, first = redis_clients(url, **options)
+    spare = [first]
+
+    def new_async() -> AsyncClient:
+        if spare:
+            return spare.pop()
+        with guarded("connect"):
+            extra_sync, aio = redis_clients(url, **options)
+        extra_sync.close()  # the bridge builds clients in pairs; one is wanted here
+        return aio
+
+    return sync, new_async
 
 
 class CircuitBreaker:

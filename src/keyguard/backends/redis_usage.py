@@ -59,7 +59,7 @@ from redis.exceptions import NoScriptError
 from ..errors import ConfigurationError, StorageError, shown
 from ..usage.records import ErrorEntry, Granularity, RowQuery, UsageBatch, UsageCounts, UsageRow
 from ._redis_cache import DRIVER_ERRORS, serve, stop_soon
-from ._redis_client import AsyncClient, SyncClient, redis_clients
+from ._redis_client import AsyncClient, SyncClient, loop_clients
 
 __all__ = ["RedisUsageStore"]
 
@@ -347,17 +347,7 @@ class RedisUsageStore:
         """
         store_options = {k: v for k, v in options.items() if k in _STORE_OPTIONS}
         client_options = {k: v for k, v in options.items() if k not in _STORE_OPTIONS}
-        with _storage_errors("connect"):  # a Cluster client reads the slot map at once
-            sync, first = redis_clients(url, **client_options)
-        spare = [first]
-
-        def new_async() -> AsyncClient:
-            if spare:
-                return spare.pop()
-            with _storage_errors("connect"):
-                extra_sync, aio = redis_clients(url, **client_options)
-            extra_sync.close()  # the bridge builds clients in pairs; one is wanted here
-            return aio
+        sync, new_async = loop_clients(url, _storage_errors, **client_options)
 
         try:
             return cls(sync, new_async, **store_options)
