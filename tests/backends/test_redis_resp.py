@@ -415,3 +415,23 @@ async def test_the_pipe_has_tcp_keepalive(own_redis: RedisServer) -> None:
     for option, value in KEEPALIVE.items():
         assert sock.getsockopt(socket.IPPROTO_TCP, option) == value
     await store.aclose()
+
+
+def test_the_pipe_runs_on_uvloop(own_redis: RedisServer) -> None:
+    """uvloop's transports derive from none of asyncio's classes: the pipe must still
+    write on them (uvicorn runs on uvloop whenever it is installed)."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (dev extra)")
+
+    async def hits() -> list[int]:
+        store = RedisRateStore.from_url(own_redis.url, prefix="uv")
+        try:
+            async with asyncio.timeout(5):  # a pipe that never writes fails, not hangs
+                admissions = await asyncio.gather(
+                    *(store.ahit(HitRequest("k", POLICY, lease=str(i))) for i in range(3))
+                )
+            return [a.states[0].remaining for a in admissions]
+        finally:
+            await store.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert sorted(runner.run(hits())) == [997, 998, 999]

@@ -46,7 +46,7 @@ import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio
 from redis._parsers.base import BaseParser
@@ -297,8 +297,10 @@ class _Link(asyncio.Protocol):
     # the transport's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if isinstance(transport, asyncio.Transport):  # always: a stream connection
-            self.transport = transport
+        # A stream transport, but not always an asyncio.Transport subclass: uvloop's
+        # TCPTransport derives from none of asyncio's classes, and an isinstance test
+        # here left the connection without a transport (every command timed out).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
