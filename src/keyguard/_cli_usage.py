@@ -15,12 +15,12 @@ from typing import Any
 from . import _cli_output as out
 from .backends.registry import open_rate_store
 from .clock import from_timestamp
-from .configure import limiter_url_for
-from .limiting import LimitState
+from .configure import limiter_url_for, quota_url_for
+from .limiting import LimitPolicy, LimitState
 from .records import KeyRecord
 from .settings import KeyGuardSettings
 from .usage.histogram import percentile
-from .usage.live import limit_dict, live_limits
+from .usage.live import limit_dict, policies_for
 from .usage.records import ErrorEntry, UsageCounts
 from .usage.summary import UsageQuery, UsageReader, UsageSummary
 
@@ -119,16 +119,25 @@ def errors_text(entries: Sequence[ErrorEntry]) -> str:
     )
 
 
-def _limits(settings: KeyGuardSettings, record: KeyRecord) -> tuple[LimitState, ...]:
-    """The key's limits from the shared limiter; none when limits live in memory."""
-    url = limiter_url_for(settings)
-    if url.startswith("memory:"):
-        return ()  # another process's memory: nothing to read from here
-    limiter = open_rate_store(url, **settings.backend_options(url))
+IN_SERVER = "windows and the concurrency cap are counted in the server process's memory"
+
+
+def _limits(settings: KeyGuardSettings, record: KeyRecord) -> tuple[tuple[LimitState, ...], bool]:
+    """The key's limits this process can read, and whether others live in a server's
+    memory (then only the quotas are read, from the file that keeps them)."""
+    url, quota_url = limiter_url_for(settings), quota_url_for(settings)
+    elsewhere = url.startswith("memory:")
+    if quota_url.startswith("memory:"):
+        return (), elsewhere  # another process's memory: nothing to read from here
+    limiter = open_rate_store(quota_url, **settings.backend_options(quota_url))
     try:
-        return live_limits(
-            limiter, record, settings.plan_table(), default_plan=settings.default_plan
-        )
+        found: dict[str, LimitState] = {}
+        for full in policies_for(record, settings.plan_table(), None, settings.default_plan):
+            policy = LimitPolicy(quotas=full.quotas) if elsewhere else full
+            if not policy.is_empty():
+                for state in limiter.peek(record.id, policy):
+                    found.setdefault(state.name, state)
+        return tuple(found.values()), elsewhere
     finally:
         limiter.close()
 
@@ -155,14 +164,17 @@ def show_usage(
         )
     finally:
         store.close()
-    limits = _limits(settings, record)
+    limits, elsewhere = _limits(settings, record)
     stamp = now.timestamp()
     if as_json:
         document: dict[str, Any] = {"key_id": record.id, **summary.to_dict()}
         document["limits"] = [limit_dict(s, stamp) for s in limits]
+        if elsewhere:
+            document["limits_note"] = IN_SERVER
         out.emit_json(document)
     else:
-        out.emit(usage_text(record, summary, limits, stamp))
+        text = usage_text(record, summary, limits, stamp)
+        out.emit(f"{text}\n  ({IN_SERVER}; not shown)" if elsewhere else text)
 
 
 def show_errors(

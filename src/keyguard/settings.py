@@ -178,8 +178,10 @@ class KeyGuardSettings(BaseSettings):
         duration such as ``1h`` or ``30m``, or seconds.
     :param plans: named plans and their limits, merged over :data:`DEFAULT_PLANS`.
     :param default_plan: the plan new keys get when none is given; one of ``plans``.
-    :param limiter_url: where limits are counted; by default the same place as keys
-        (``sqlite://`` shares the file and stays exact across worker processes).
+    :param limiter_url: where limits are counted. By default: with ``redis://``
+        storage in Redis; with ``sqlite://`` storage, windows and the concurrency cap
+        in the memory of the one process that may use the file and quotas in the file;
+        set it to the same ``sqlite:///`` URL in every worker to count all in the file.
     :param on_limiter_error: ``deny`` (503) or ``allow`` when the limit store fails.
     :param credential_methods: where keys may come from, in order: ``header``,
         ``bearer`` and (opt-in, since URLs get logged) ``query``.

@@ -1,8 +1,9 @@
 """One contract for every rate store, through its sync face and through its async face.
 
 The ``limits``-storage adapter keeps windows on the storage's own (real) clock, so tests
-that move a FakeClock to slide a window run on memory, SQLite and Redis only. Redis runs
-on a throwaway server and a three-master Cluster (``tests/redis_support.py``); its store
+that move a FakeClock to slide a window skip it. ``local`` is the store of the SQLite
+default: windows and slots in memory, quotas in a SQLite file. Redis runs on a
+throwaway server and a three-master Cluster (``tests/redis_support.py``); its store
 is given the FakeClock, whose time the script then takes instead of the server's TIME
 (production never passes a clock), and a fresh key prefix per test instead of a flush.
 """
@@ -23,6 +24,7 @@ import pytest
 from limits.storage import MemoryStorage
 
 from keyguard.backends.limits_storage import LimitsRateStore
+from keyguard.backends.local_limiter import LocalWindowsRateStore
 from keyguard.backends.memory_limiter import MemoryRateStore
 from keyguard.backends.redis_limiter import RedisRateStore
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
@@ -168,6 +170,11 @@ def open_store(
         return MemoryRateStore(clock=clock, lease_ttl=LEASE_TTL)
     if kind == "sqlite":
         return SQLiteRateStore(tmp_path / "rl.db", clock=clock, lease_ttl=LEASE_TTL)
+    if kind == "local":  # the SQLite default: windows in memory, quotas in the file
+        return LocalWindowsRateStore(
+            MemoryRateStore(clock=clock, lease_ttl=LEASE_TTL),
+            SQLiteRateStore(tmp_path / "rl.db", clock=clock, lease_ttl=LEASE_TTL),
+        )
     if kind == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         return RedisRateStore.from_url(
@@ -189,6 +196,7 @@ def open_store(
     params=[
         "memory",
         "sqlite",
+        "local",
         "limits",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", marks=pytest.mark.redis),

@@ -11,7 +11,9 @@ import pytest
 
 from keyguard._cli_usage import sparkline
 from keyguard.backends.registry import open_usage_store
+from keyguard.backends.sqlite_limiter import SQLiteRateStore
 from keyguard.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
+from keyguard.limiting import HitRequest, LimitPolicy, Quota, QuotaPeriod
 from keyguard.settings import KeyGuardSettings
 from keyguard.usage.recorder import UsageRecorder
 from keyguard.usage.records import UsageEvent
@@ -103,9 +105,41 @@ def test_usage_json_total_holds_requests_errors_denied_units(
     assert sum(p["requests"] for p in document["series"]["*"]) == 42
     assert set(document["series"]) == {"*", "image:create", "text:generate"}
     assert document["granularity"] == "hour"
-    names = {limit["name"] for limit in document["limits"]}
-    assert {"minute", "hour", "day"} <= names  # the free plan's windows, read from SQLite
+    # By default windows live in the server's memory: only the quota is read, from the file.
+    assert [limit["name"] for limit in document["limits"]] == ["monthly"]
+    assert "server process" in document["limits_note"]
     assert secret not in out
+
+
+def test_usage_reads_the_quota_a_server_spent_from_the_file(
+    recorded: tuple[str, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Units a server charged to the monthly quota in the file show in ``keyguard usage``."""
+    url, key_id, _ = recorded
+    store = SQLiteRateStore.from_url(url)
+    monthly = Quota("monthly", 100_000, QuotaPeriod.MONTH)  # the free plan's
+    assert store.hit(HitRequest(key_id, LimitPolicy(quotas=(monthly,)), cost=7)).allowed
+    store.close()
+    code, out, _ = run(capsys, url, "usage", key_id, "--json")
+    assert code == EXIT_OK
+    [limit] = json.loads(out)["limits"]
+    assert (limit["name"], limit["used"]) == ("monthly", 7)
+
+
+def test_usage_reads_windows_when_the_file_counts_them(
+    recorded: tuple[str, str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``KEYGUARD_LIMITER_URL`` naming the file, windows are read from it too."""
+    url, key_id, _ = recorded
+    monkeypatch.setenv("KEYGUARD_LIMITER_URL", url)
+    code, out, _ = run(capsys, url, "usage", key_id, "--json")
+    assert code == EXIT_OK
+    document = json.loads(out)
+    names = {limit["name"] for limit in document["limits"]}
+    assert {"minute", "hour", "day", "monthly"} <= names  # the free plan's, read from SQLite
+    assert "limits_note" not in document
 
 
 def test_usage_text_has_totals_a_chart_and_limits(
@@ -119,6 +153,8 @@ def test_usage_text_has_totals_a_chart_and_limits(
     assert "per minute" in out
     assert any(bar in out for bar in "▁▂▃▄▅▆▇█")
     assert "Limits now:" in out
+    assert "monthly" in out
+    assert "counted in the server process's memory; not shown" in out
     assert "image:create" in out
     assert secret not in out
 

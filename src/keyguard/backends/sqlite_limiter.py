@@ -242,6 +242,11 @@ class SQLiteRateStore:
     def __repr__(self) -> str:
         return f"SQLiteRateStore({self._where})"
 
+    @property
+    def clock(self) -> Clock:
+        """The time source the store reads, so a caller can place its periods in time."""
+        return self._clock
+
     # time and rows
 
     def _now(self) -> Now:
