@@ -67,6 +67,7 @@ __all__ = ["Allow", "Decision", "Guard", "Identity", "Lease"]
 
 
 _PUBLIC = Allow(None)
+_WELL_FORMED_MAX = 65_536  # remembered digests of well-formed keys, then start again
 
 
 GuardFlow: TypeAlias = Generator[Op[Backends, Backends, Any], Any, Decision]
@@ -220,6 +221,7 @@ class Guard(UsageReports, Settlements):
             MemoryRateStore(clock=self.clock, max_entries=100_000) if auth_failures else None
         )
         self._failure_policy = LimitPolicy(windows=(Window("auth-failures", auth_failures, 60),))
+        self._well_formed: set[str] = set()  # digests of keys that passed KeyFormat.parse
 
     # drivers
 
@@ -376,12 +378,21 @@ class Guard(UsageReports, Settlements):
     def _authenticate(
         self, credential: Credential, ip: IPAddress | None
     ) -> Generator[Op[Backends, Backends, Any], Any, KeyRecord | Denial]:
-        try:
-            parsed = self.key_format.parse(credential.value)
-        except InvalidCredential:
-            self._failed(ip)
-            return deny("invalid_api_key")
-        digest = self.hasher.digest(parsed.secret)
+        # The digest first: a key whose digest passed the offline checks before is not
+        # parsed again (the checks are a pure function of the key, and the digest names
+        # it). Digests, not keys, are remembered: storage holds them anyway. Text that
+        # is not ASCII is never a key (and may not encode): the parser refuses it.
+        value = credential.value
+        digest = self.hasher.digest(value) if value.reveal().isascii() else ""
+        if digest not in self._well_formed:
+            try:
+                self.key_format.parse(value)
+            except InvalidCredential:
+                self._failed(ip)
+                return deny("invalid_api_key")
+            if len(self._well_formed) >= _WELL_FORMED_MAX:
+                self._well_formed.clear()
+            self._well_formed.add(digest)
         try:
             record = yield FindKey(digest)
         except StorageError:
@@ -560,7 +571,7 @@ class Guard(UsageReports, Settlements):
         not a flat 60 s: failures counted in a one-second slot leave up to a second
         later than 60 s after they happened, and Retry-After must not be early (T72).
         """
-        if self._failures is None or ip is None:
+        if not self._failures or ip is None:  # none configured, or no address ever failed
             return None
         bucket = "ip:" + ip_text(ip)
         if bucket not in self._failures:  # the common case: this address never failed

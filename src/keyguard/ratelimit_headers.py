@@ -73,31 +73,67 @@ def tightest(states: Sequence[LimitState]) -> LimitState:
 def limit_headers(states: Sequence[LimitState]) -> Headers:
     """Every limit-state header for a response; empty when no limit applies.
 
-    On every allowed response, so written for speed: one pass, no intermediate objects.
+    On every allowed response, so written for speed: one pass, no intermediate objects
+    but the policy's shape, which finds its cached ``RateLimit-Policy`` value (a tuple
+    of strings, ints and bools hashes in C; one holding the ``LimitKind`` enum would
+    call Python per state).
     """
     if not states:
         return []
     parts = []
+    shape = []
     tight = None
-    for s in states:
+    for name, kind, limit, left, reset_after, seconds in states:
         # remaining is an int from every built-in store; reset_after a float >= 0.
-        remaining = s.remaining if 0 <= s.remaining <= SF_INTEGER_MAX else _int(s.remaining)
-        reset = _int(s.reset_after)
-        parts.append(f'"{_safe_name(s.name)}";r={remaining};t={reset}')
-        if s.kind is not _CONCURRENCY and (
+        remaining = left if 0 <= left <= SF_INTEGER_MAX else _int(left)
+        reset = _int(reset_after)
+        prefix = _ITEM_PREFIX.get(name)
+        if prefix is None:
+            prefix = _item_prefix(name)
+        parts.append(f"{prefix}{remaining};t={reset}")
+        capped = kind is _CONCURRENCY
+        shape.append((name, capped, limit, seconds))
+        if not capped and (
             tight is None or remaining < tight[1] or (remaining == tight[1] and reset > tight[2])
         ):
-            tight = (s.limit, remaining, reset)
+            tight = (limit, remaining, reset)
+    key = tuple(shape)
+    policy = _POLICY_VALUES.get(key)
+    if policy is None:
+        policy = _policy_value_of(key, states)
     if tight is None:  # only a concurrency cap applies
         only = states[0]
         tight = (only.limit, _int(only.remaining), _int(only.reset_after))
     return [
-        (b"ratelimit-policy", policy_header(states)),
+        (b"ratelimit-policy", policy),
         (b"ratelimit", ",".join(parts).encode("ascii")),
         (b"x-ratelimit-limit", b"%d" % _int(tight[0])),
         (b"x-ratelimit-remaining", b"%d" % tight[1]),
         (b"x-ratelimit-reset", b"%d" % tight[2]),
     ]
+
+
+# Plain dicts, bounded by clearing: on the hot path a dict lookup is cheaper than an
+# lru_cache call, and names and policies come from configuration (a few of each).
+_ITEM_PREFIX: dict[str, str] = {}
+_POLICY_VALUES: dict[tuple[tuple[str, bool, int, int | None], ...], bytes] = {}
+_CACHE_MAX = 1024
+
+
+def _item_prefix(name: str) -> str:
+    if len(_ITEM_PREFIX) >= _CACHE_MAX:
+        _ITEM_PREFIX.clear()
+    prefix = _ITEM_PREFIX[name] = f'"{_safe_name(name)}";r='
+    return prefix
+
+
+def _policy_value_of(
+    key: tuple[tuple[str, bool, int, int | None], ...], states: Sequence[LimitState]
+) -> bytes:
+    if len(_POLICY_VALUES) >= _CACHE_MAX:
+        _POLICY_VALUES.clear()
+    value = _POLICY_VALUES[key] = policy_header(states)
+    return value
 
 
 _CONCURRENCY = LimitKind.CONCURRENCY

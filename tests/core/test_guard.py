@@ -235,3 +235,28 @@ def test_a_key_on_an_unknown_plan_without_a_default_is_refused() -> None:
     guard, manager = memory_guard(plans=PLANS, default_plan="gold")
     key = manager.create("typo", plan="fre").key.reveal()
     assert code(guard.check(req(key=key))) == "plan_not_available"
+
+
+def test_a_well_formed_key_is_parsed_once_and_a_malformed_one_every_time(
+    decide: Decide,
+) -> None:
+    """The guard remembers digests of keys that passed the offline checks, not keys:
+    the same key is not parsed again, while a key one character off (another digest)
+    is parsed, and refused, on every attempt."""
+    parsed: list[str] = []
+
+    class CountingFormat(KeyFormat):
+        def parse(self, raw: object) -> object:  # type: ignore[override]
+            parsed.append("x")
+            return super().parse(raw)  # type: ignore[arg-type]
+
+    guard, manager = memory_guard(routes=ROUTES, plans=PLANS, key_format=CountingFormat())
+    key = manager.create("k", scopes=("text:generate",)).key.reveal()
+    broken = key[:-1] + ("A" if key[-1] != "A" else "B")  # the checksum no longer matches
+    for _ in range(2):
+        assert code(decide(guard, req(key=key))) == "allow"
+    assert len(parsed) == 1
+    for _ in range(2):
+        assert code(decide(guard, req(key=broken))) == "invalid_api_key"
+    assert len(parsed) == 3
+    assert code(decide(guard, req(key="kg_live_é" + key[9:]))) == "invalid_request"
