@@ -787,7 +787,9 @@ def test_r7_random_kills_leave_no_torn_state(tmp_path: Path) -> None:
                 thread.join(10)
         assert not unexpected
         assert worst < 0.2 + 0.2 + 0.5 + SLACK  # connect + read timeouts, pool wait
-        assert confirmed > 5000, (confirmed, sent)
+        # Enough admissions for the kills to land mid-call (about 10k on an idle
+        # machine; under a loaded CI machine with fsync always, 4k was seen).
+        assert confirmed > 2000, (confirmed, sent)
         check()
     finally:
         store.close()

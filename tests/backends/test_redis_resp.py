@@ -242,6 +242,59 @@ async def test_a_caller_cancelled_mid_reply_never_hands_its_reply_to_the_next(
     await client.aclose()
 
 
+async def test_an_orphaned_reply_goes_to_whoever_adopted_it(fake: FakeRedis) -> None:
+    """A caller cancelled after its command was sent hands the reply to its ``orphan``
+    (the command may have taken something to give back); one cancelled before its
+    command was sent hands nothing, and neither reaches the next caller."""
+    gate = asyncio.Event()
+
+    async def answer(args: list[bytes], writer: asyncio.StreamWriter) -> None:
+        if args[-1] == b"late":
+            await gate.wait()
+        await echo(args, writer)
+
+    fake.answer = answer
+    client = pipe(f"redis://127.0.0.1:{fake.port}", socket_timeout=5)
+    assert await client.execute(command("ECHO", "warm")) == b"warm"
+    orphaned: list[object] = []
+    late = asyncio.ensure_future(client.execute(command("ECHO", "late"), orphaned.append))
+    await asyncio.sleep(0.01)  # sent, waiting for its reply
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    gate.set()
+    assert await client.execute(command("ECHO", "next")) == b"next"
+    assert orphaned == [b"late"]
+    assert fake.connections == 1
+    await client.aclose()
+
+
+async def test_a_hit_cancelled_in_flight_gives_its_slot_back(own_redis: RedisServer) -> None:
+    """T82 on the pipe: the guard awaits the store with no task or shield
+    (``cancel_safe``), so a hit whose caller is cancelled while the script runs must
+    give the slot it took back by itself."""
+    store = RedisRateStore.from_url(
+        own_redis.url, prefix="t82", release_delay=0.001, socket_timeout=2
+    )
+    capped = LimitPolicy(windows=(Window("minute", 1000, 60),), concurrency=1)
+    admin = redis.Redis.from_url(own_redis.url)
+    assert store.cancel_safe
+    assert (await store.ahit(HitRequest("warm", capped, lease="w"))).allowed
+    admin.client_pause(200, "ALL")  # the next script waits in the server
+    hit = asyncio.ensure_future(store.ahit(HitRequest("k", capped, lease="gone")))
+    await asyncio.sleep(0.05)
+    hit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hit
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await store.apeek("k", capped))[-1].remaining != 1:
+        assert asyncio.get_running_loop().time() < deadline, "the slot never came back"
+        await asyncio.sleep(0.02)
+    assert (await store.ahit(HitRequest("k", capped, lease="next"))).allowed
+    admin.close()
+    await store.aclose()
+
+
 async def test_connection_lost_fails_the_commands_in_flight_then_reconnects(
     fake: FakeRedis,
 ) -> None:

@@ -45,6 +45,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -150,11 +151,22 @@ class Pipe:
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
 
-    async def execute(self, packed: bytes) -> Any:  # noqa: ANN401 - the server's reply
+    async def execute(self, packed: bytes, orphan: Callable[[Any], None] | None = None) -> Any:  # noqa: ANN401 - the server's reply
+        """Send ``packed``; its reply. ``orphan``, if given, receives the reply (or the
+        error reply) of a command whose caller was cancelled after it was sent: what a
+        caller needs when the command may have taken something it must give back."""
         link = self._link
         if link is None or link.failed is not None or link.loop is not asyncio.get_running_loop():
             link = await self._connect()
-        return await link.send(packed)
+        future = link.send(packed)
+        if orphan is None:
+            return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # the caller's cancellation, not the connection's
+                link.adopt(future, orphan)
+            raise
 
     async def aclose(self) -> None:
         """Close the connection; commands still in flight fail with ConnectionError."""
@@ -228,6 +240,7 @@ class _Link(asyncio.Protocol):
         self.queued: list[bytes] = []
         self.failed: BaseException | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.orphans: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
 
     # the caller's side
 
@@ -248,6 +261,11 @@ class _Link(asyncio.Protocol):
         if self.timer is None:
             self.timer = self.loop.call_at(deadline, self._watch)
         return future
+
+    def adopt(self, future: asyncio.Future[Any], orphan: Callable[[Any], None]) -> None:
+        """Hand the reply of ``future``'s command, whose caller is gone, to ``orphan``."""
+        if self.failed is None:
+            self.orphans[future] = orphan
 
     def _flush(self) -> None:
         if self.queued and self.failed is None and self.transport is not None:
@@ -286,6 +304,7 @@ class _Link(asyncio.Protocol):
             self.transport.abort()
 
     def _fail_waiting(self) -> None:
+        self.orphans.clear()  # no reply will come: their commands' effects are unknown
         waiting, self.waiting = self.waiting, deque()
         self.deadlines.clear()
         self.queued.clear()
@@ -319,7 +338,11 @@ class _Link(asyncio.Protocol):
                 return
             future = waiting.popleft()
             deadlines.popleft()
-            if future.done():  # its caller was cancelled: the reply is dropped here
+            if future.done():  # its caller was cancelled: the reply is dropped here,
+                if self.orphans:  # or handed to whoever adopted it
+                    orphan = self.orphans.pop(future, None)
+                    if orphan is not None:
+                        orphan(reply)
                 continue
             if isinstance(reply, Exception):
                 future.set_exception(reply)

@@ -50,6 +50,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from importlib.resources import files
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -221,6 +222,10 @@ class RedisRateStore:
         # The async face's hot path: the script's command pre-packed, on a pipelined
         # connection of its own (``_resp``), for single servers; else redis-py.
         self._pipe: Pipe | None = pipe_for(aclient)
+        # For the guard (keyguard._guard_ops.Hit): on the pipe, an admission whose
+        # caller is cancelled after it was sent still gets its reply, and a slot it
+        # took is given back (see _orphaned): the caller needs no task and shield.
+        self.cancel_safe = self._pipe is not None
         self._store_args = bulk(self._lease_ms.encode()) + bulk(self._pad.encode())
         self._bucket_keys: dict[str, bytes] = {}
         self._closed = False
@@ -428,10 +433,18 @@ class RedisRateStore:
                 self._unmapped = False
             return await call()
 
-    async def _afast(self, pipe: Pipe, action: str, items: int, body: bytes) -> Any:  # noqa: ANN401 - the script's reply
+    async def _afast(
+        self,
+        pipe: Pipe,
+        action: str,
+        items: int,
+        body: bytes,
+        orphan: Callable[[Any], None] | None = None,
+    ) -> Any:  # noqa: ANN401 - the script's reply
         """One admission script call on the pipelined connection, under the breaker, as
         :meth:`_guarded` (inlined: this is the hot path). ``NOSCRIPT`` (it did not run)
-        is answered by one ``EVAL``, which caches the script again."""
+        is answered by one ``EVAL``, which caches the script again. ``orphan`` gets the
+        reply if the caller is cancelled while the script is in flight."""
         if self._closed:
             raise StorageError("the Redis rate store is closed")
         breaker = self._breaker
@@ -440,9 +453,9 @@ class RedisRateStore:
         head = b"*%d\r\n" % items
         try:
             try:
-                reply = await pipe.execute(head + _EVALSHA + body)
+                reply = await pipe.execute(head + _EVALSHA + body, orphan)
             except NoScriptError:
-                reply = await pipe.execute(head + _EVAL + body)
+                reply = await pipe.execute(head + _EVAL + body, orphan)
             reachable = True
         except ResponseError as exc:
             reachable = True
@@ -558,7 +571,9 @@ class RedisRateStore:
                 items, body = self._packed(
                     _HIT, bucket, plan, request.cost, request.lease, released=released or ()
                 )
-                reply = await self._afast(pipe, "count a hit", items, body)
+                lease = request.lease
+                orphan = None if lease is None else partial(self._orphaned, plan, bucket, lease)
+                reply = await self._afast(pipe, "count a hit", items, body, orphan)
             else:
                 plan, operands = self._hit_call(request, released or ())
                 reply = await self._arun("count a hit", lambda: self._aeval(operands))
@@ -581,6 +596,21 @@ class RedisRateStore:
         """
         if self._closed:
             raise StorageError("the Redis rate store is closed")
+        self._queue_release(bucket, lease)
+
+    def _orphaned(self, plan: _Plan, bucket: str, lease: str, reply: Any) -> None:  # noqa: ANN401 - the script's reply
+        """The reply of an admission whose caller was cancelled: a slot it took goes
+        back, as a release would (T82). An error reply took nothing."""
+        if isinstance(reply, Exception) or self._closed:
+            return
+        try:
+            admitted = self._admission(plan, reply).allowed
+        except (TypeError, ValueError, IndexError):  # pragma: no cover - a damaged reply
+            return  # the lease expiry gives the slot back
+        if admitted:
+            self._queue_release(bucket, lease)
+
+    def _queue_release(self, bucket: str, lease: str) -> None:
         leases = self._pending.setdefault(bucket, [])
         leases.append(lease)
         if self._flush_timer is None or len(leases) >= _MAX_RELEASED:
