@@ -1,22 +1,29 @@
-"""Storage operations as values, and the two drivers that run a flow against a store.
+"""Storage operations as values, and the drivers that run a flow against a store.
 
 Admin operations and authentication are written once, as generators that ``yield``
 an operation and receive its result. :func:`run_sync` and :func:`run_async` are the
 only places that differ between the sync and async faces (the httpx ``auth_flow``
-pattern), so the logic can never drift between them.
+pattern), so the logic can never drift between them. :func:`run_hybrid` serves the
+async face of stores whose I/O is blocking (SQLite): it runs on the event loop what
+can be answered from memory, and the rest in one worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+import asyncio
+import contextlib
+import contextvars
+import enum
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from .backends.protocols import AsyncKeyStore, KeyStore
 from .errors import StorageError
 from .records import AuditEvent, KeyPage, KeyQuery, KeyRecord
 
 __all__ = [
+    "NOT_NOW",
     "Audit",
     "Delete",
     "Find",
@@ -24,10 +31,12 @@ __all__ = [
     "Get",
     "KeyOp",
     "List",
+    "NotNow",
     "Op",
     "Save",
     "call",
     "run_async",
+    "run_hybrid",
     "run_sync",
 ]
 
@@ -39,6 +48,16 @@ S_contra = TypeVar("S_contra", contravariant=True)
 A_contra = TypeVar("A_contra", contravariant=True)
 
 
+class NotNow(enum.Enum):
+    """The type of :data:`NOT_NOW`."""
+
+    NOT_NOW = enum.auto()
+
+
+NOT_NOW: Final = NotNow.NOT_NOW
+"""What :meth:`Op.now` returns when only I/O can answer (a result may itself be ``None``)."""
+
+
 class Op(Generic[S_contra, A_contra, T_co]):
     """One storage operation: ``run`` against a sync context ``S``, ``arun`` an async ``A``.
 
@@ -47,6 +66,11 @@ class Op(Generic[S_contra, A_contra, T_co]):
     """
 
     __slots__ = ()
+
+    def now(self, ctx: S_contra) -> T_co | NotNow:
+        """The result when it is at hand without I/O (a cache, process memory), else
+        :data:`NOT_NOW`; :func:`run_hybrid` asks this first. By default: never."""
+        return NOT_NOW
 
     def run(self, ctx: S_contra) -> T_co:
         raise NotImplementedError
@@ -138,6 +162,15 @@ def run_sync(flow: Generator[Op[S, Any, Any], Any, T], ctx: S) -> T:
     """Drive ``flow`` to its result with the context's blocking methods."""
     try:
         op = next(flow)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+    return _run_from(flow, op, ctx)
+
+
+def _run_from(flow: Generator[Op[S, Any, Any], Any, T], op: Op[S, Any, Any], ctx: S) -> T:
+    """:func:`run_sync` of a flow that has just yielded ``op``."""
+    try:
         while True:
             try:
                 result = op.run(ctx)
@@ -164,3 +197,48 @@ async def run_async(flow: Generator[Op[Any, A, Any], Any, T], ctx: A) -> T:
     except StopIteration as stop:
         value: T = stop.value
         return value
+
+
+async def run_hybrid(
+    flow: Generator[Op[S, Any, Any], Any, T],
+    ctx: S,
+    *,
+    abandoned: Callable[[T], Awaitable[object]] | None = None,
+) -> T:
+    """Drive ``flow`` with the context's blocking methods without blocking the loop.
+
+    For stores whose async face is their sync one in a worker thread. Each operation
+    is first asked for its result :meth:`~Op.now`; while it has one, the flow runs on
+    here, with no thread, task or hand-off between threads. The first one that has
+    not goes, with the rest of the flow, to one worker thread (a generator may be
+    resumed from another thread, never by two at once), in a copy of the caller's
+    context, so that a span opened by the flow is a child of the caller's.
+
+    The thread cannot be stopped: when the caller is cancelled meanwhile, its work is
+    waited for, and its result, which nobody will receive, goes to ``abandoned``
+    (to give back what it took: a concurrency slot, T82) before the cancellation
+    goes on.
+    """
+    try:
+        op = next(flow)
+        while True:
+            try:
+                result = op.now(ctx)
+            except StorageError as exc:
+                op = flow.throw(exc)
+                continue
+            if result is NOT_NOW:
+                break
+            op = flow.send(result)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+    run = contextvars.copy_context().run
+    work = asyncio.get_running_loop().run_in_executor(None, run, _run_from, flow, op, ctx)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if abandoned is not None:
+            with contextlib.suppress(Exception):  # the work failed: nothing was taken
+                await abandoned(await work)
+        raise

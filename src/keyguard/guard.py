@@ -9,8 +9,6 @@ touch storage: the key lookup and the single atomic limiter call.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import itertools
 import logging
 import secrets
@@ -42,7 +40,7 @@ from .credentials import Credential, CredentialConfig, MalformedCredential, extr
 from .decisions import Allow, Charge, Decision, Headers, Identity, Lease
 from .denials import Denial, deny
 from .errors import ConfigurationError, InvalidCredential, StorageError
-from .flows import Op, run_async, run_sync
+from .flows import Op, run_async, run_hybrid, run_sync
 from .iprules import IPAddress, IPDenyList
 from .keys import KeyFormat, KeyHasher
 from .lifecycle import check_secret
@@ -205,8 +203,9 @@ class Guard(UsageReports, Settlements):
             and (tokens is None or tokens.in_process)
         )
         # Stores whose async face only runs their sync methods in a worker thread
-        # (SQLite): the async check makes one thread hop for the whole decision, not
-        # one per storage call, each with its own hand-offs between threads.
+        # (SQLite): the async check runs on the loop while the stores answer from
+        # memory (a cached key, limits without quotas), then makes one thread hop for
+        # the rest of the decision, not one per storage call (flows.run_hybrid).
         self.threaded = (
             not self.inline
             and all(in_process(s) or threaded(s) for s in (keys, limiter) if s is not None)
@@ -249,13 +248,15 @@ class Guard(UsageReports, Settlements):
         """Decide on ``request`` without blocking the event loop (ASGI)."""
         if self.inline:
             return self.check(request, scope=scope, cost=cost)
-        if self.threaded:
-            return await self._acheck_in_thread(request, scope, cost)
         started = time.perf_counter()
         seen = None if self.telemetry is None else self.telemetry.begin()
         decision: Decision | None = None
         try:
-            decision = await run_async(self._flow(request, scope, cost, seen), self.backends)
+            flow = self._flow(request, scope, cost, seen)
+            if self.threaded:
+                decision = await run_hybrid(flow, self.backends, abandoned=self._abandoned)
+            else:
+                decision = await run_async(flow, self.backends)
         except Exception as exc:  # the one boundary for keyguard's own bugs (a.10, T63)
             decision = internal_error(exc)
         finally:
@@ -265,31 +266,11 @@ class Guard(UsageReports, Settlements):
             self._refused(request, decision, started)
         return decision
 
-    async def _acheck_in_thread(
-        self, request: RequestInfo, scope: str | None, cost: int | None
-    ) -> Decision:
-        """:meth:`check` in one worker thread, in a copy of the caller's context (so
-        the check's span is a child of the server's).
-
-        A check that takes a concurrency slot may run on after this task is
-        cancelled, and nobody would give the slot back (T82): the thread's work is
-        shielded, and on cancellation waited for and its lease released.
-        """
-        run = contextvars.copy_context().run
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(None, run, self._check_args, request, scope, cost)
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            decision = await work
-            if isinstance(decision, Allow) and decision.lease is not None:
-                await self.arelease(decision.lease)
-            raise
-
-    def _check_args(
-        self, request: RequestInfo, scope: str | None, cost: int | None
-    ) -> Decision:  # run_in_executor passes no keywords
-        return self.check(request, scope=scope, cost=cost)
+    async def _abandoned(self, decision: Decision) -> None:
+        """A decision whose check was cancelled while it ran on in a worker thread
+        gives back the slot it took, or nobody would until its lease expires (T82)."""
+        if isinstance(decision, Allow) and decision.lease is not None:
+            await self.arelease(decision.lease)
 
     def release(self, lease: Lease) -> None:
         """Give a concurrency slot back; harmless to call twice.

@@ -121,7 +121,8 @@ class LocalWindowsRateStore:
 
     # For the guard (keyguard._guard_support): every async method is the sync one, or
     # that sync one in a worker thread, so the guard may run a whole check in one
-    # thread hop; and arelease only calls memory, so it never suspends.
+    # thread hop (none at all when hit_now answers); and arelease only calls memory,
+    # so it never suspends.
     threaded: ClassVar[bool] = True
     queues_releases: ClassVar[bool] = True
 
@@ -219,6 +220,13 @@ class LocalWindowsRateStore:
         if not taken.allowed:
             self._give_back(self._refund(request, split, charged))
         return self._answer(request, split, charged, taken)
+
+    def hit_now(self, request: HitRequest) -> Admission | None:
+        """:meth:`hit` when it needs no I/O (no quota: memory alone), else ``None``
+        with nothing taken: the guard then takes the hit in a worker thread."""
+        if request.policy.quotas:
+            return None
+        return self._hit_windows(request)
 
     def _give_back(self, refund: Adjustment | None) -> None:
         if refund is not None:

@@ -9,6 +9,11 @@ SQLITE_BUSY at once, ignoring the timeout). Records are the JSON of
 the digests of live secrets are indexed in their own table, so authentication is one
 indexed lookup. The file holds digests only, never a key. The async face runs each call
 in a worker thread so the event loop never waits on disk.
+
+Lookups that found a record are remembered (:class:`_RecordCache`), exactly: an entry
+is served only while no key has changed in the file, by any connection, thread or
+process (``PRAGMA data_version``, then a counter kept by triggers). A remembered
+lookup costs a few microseconds and no thread.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import uuid
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +65,22 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             data TEXT NOT NULL
         )""",
         "CREATE INDEX audit_by_key ON audit (key_id, seq)",
+    ),
+    (  # 2: a counter every change to a key or its digests moves (for the record cache)
+        "CREATE TABLE key_changes (one INTEGER PRIMARY KEY CHECK (one = 1), n INTEGER NOT NULL)",
+        "INSERT INTO key_changes VALUES (1, 0)",
+        "CREATE TRIGGER keys_insert AFTER INSERT ON keys"
+        " BEGIN UPDATE key_changes SET n = n + 1; END",
+        "CREATE TRIGGER keys_update AFTER UPDATE ON keys"
+        " BEGIN UPDATE key_changes SET n = n + 1; END",
+        "CREATE TRIGGER keys_delete AFTER DELETE ON keys"
+        " BEGIN UPDATE key_changes SET n = n + 1; END",
+        "CREATE TRIGGER key_digests_insert AFTER INSERT ON key_digests"
+        " BEGIN UPDATE key_changes SET n = n + 1; END",
+        "CREATE TRIGGER key_digests_update AFTER UPDATE ON key_digests"
+        " BEGIN UPDATE key_changes SET n = n + 1; END",
+        "CREATE TRIGGER key_digests_delete AFTER DELETE ON key_digests"
+        " BEGIN UPDATE key_changes SET n = n + 1; END",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -146,6 +169,110 @@ def _migrate(conn: sqlite3.Connection, where: str) -> None:
 _MMAP_BYTES = 256 * 1024 * 1024
 
 
+class _RecordCache:
+    """Records found by digest, served only while no key was changed in the file.
+
+    Two numbers tell. ``PRAGMA data_version``, on a connection of the cache's own that
+    never writes (``query_only``), moves whenever any *other* connection commits, in
+    this process or another: a few microseconds, no table read. Only when it moved is
+    ``key_changes`` read, a counter that triggers move with every change to a key or
+    its digests: so the quota charges and usage rows written to the same file do not
+    empty the cache, and a key's change by anyone (``keyguard revoke`` in another
+    process) does, before the next lookup is answered. Only records are kept, never
+    "no such key", so random keys cannot grow it; when full it starts again.
+
+    A lookup that missed reads the row on another connection afterwards, and keeps
+    it only if the cache was not emptied meanwhile (:meth:`put`, by ``generation``).
+    A change committed before that read but not yet noticed empties the cache at
+    the next lookup, so a stale record is never served.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], size: int) -> None:
+        self._connect = connect
+        self._size = size
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._cursor: sqlite3.Cursor | None = None
+        self._version: int | None = None  # data_version when last checked
+        self._changes: int | None = None  # key_changes.n when last read
+        self._generation = 0  # moves each time the records are forgotten
+        self._records: dict[str, KeyRecord] = {}
+        self._closed = False
+        # A connection must not cross fork(): the child starts with none and a free lock.
+        os.register_at_fork(after_in_child=_forget_in_child(weakref.ref(self)))
+
+    def get(self, digest: str) -> tuple[KeyRecord | None, int]:
+        """The remembered record (or ``None``), and the generation to :meth:`put` under."""
+        with self._lock:
+            cursor = self._cursor or self._open()
+            try:  # no context manager: this is the hot path, ~5 us in all
+                version: int = cursor.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._version:
+                    changes: int = cursor.execute("SELECT n FROM key_changes").fetchone()[0]
+                    if changes != self._changes:
+                        self._forget()
+                        self._changes = changes
+                    self._version = version
+            except sqlite3.Error as exc:
+                raise StorageError("the SQLite key store could not look up a key") from exc
+            return self._records.get(digest), self._generation
+
+    def _open(self) -> sqlite3.Cursor:
+        if self._closed:
+            raise StorageError("the SQLite key store is closed")
+        self._conn = self._connect()
+        self._cursor = self._conn.cursor()
+        return self._cursor
+
+    def put(self, digest: str, record: KeyRecord, generation: int) -> None:
+        """Keep ``record``, read after :meth:`get` gave ``generation``, unless the
+        records were forgotten since."""
+        with self._lock:
+            if generation == self._generation:
+                if len(self._records) >= self._size:
+                    self._records.clear()
+                self._records[digest] = record
+
+    def clear(self) -> None:
+        """Forget every record, and any lookup under way (this store just wrote)."""
+        with self._lock:
+            self._forget()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._forget()
+            conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
+            with _storage_errors("close the database"):
+                conn.close()
+
+    def _forget(self) -> None:
+        self._records.clear()
+        self._generation += 1
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._forget()
+        self._version = self._changes = None
+        if self._conn is not None:
+            # Kept open: closing the parent's connection here could drop its file locks.
+            _LEFT_BY_FORK.append(self._conn)
+            self._conn = self._cursor = None
+
+
+_LEFT_BY_FORK: list[sqlite3.Connection] = []
+
+
+def _forget_in_child(ref: weakref.ref[_RecordCache]) -> Callable[[], None]:
+    def forget() -> None:
+        cache = ref()
+        if cache is not None:
+            cache.after_fork()
+
+    return forget
+
+
 class SQLiteKeyStore:
     """A key store in one SQLite file, with both the sync and the async face.
 
@@ -155,6 +282,9 @@ class SQLiteKeyStore:
         path cannot silently start an empty key database somewhere else.
     :param busy_timeout: milliseconds a write waits for another writer before giving
         up with :class:`StorageError`.
+    :param cache_size: records remembered by digest (``0``: none); see :meth:`find_cached`.
+        A subclass that overrides ``find`` (to count, wrap or fail lookups) has no
+        cache, so that its ``find`` sees every lookup.
 
     **Security note**: the file holds digests and display hints, never a key. Without
     a pepper (see :class:`keyguard.KeyHasher`) the digests are plain SHA-256 of
@@ -167,9 +297,13 @@ class SQLiteKeyStore:
     # calls in one thread itself (see Guard.acheck).
     threaded: ClassVar[bool] = True
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: int = 5000) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: int = 5000, cache_size: int = 10_000
+    ) -> None:
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int) or busy_timeout < 0:
             raise ConfigurationError("busy_timeout must be a whole number of milliseconds >= 0")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ConfigurationError("cache_size must be a whole number >= 0")
         # Lookups walk two B-trees; reading their pages through a memory map instead
         # of read() calls keeps a lookup's cost nearly flat as the file outgrows
         # SQLite's page cache (a no-op for :memory:).
@@ -210,6 +344,9 @@ class SQLiteKeyStore:
             self._anchor = setup  # the database lives as long as one connection does
         else:
             setup.close()
+        # A subclass's own find must see every lookup (see cache_size).
+        cached = cache_size and type(self).find is SQLiteKeyStore.find
+        self._cache = _RecordCache(self._cache_connection, cache_size) if cached else None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteKeyStore:
@@ -238,6 +375,12 @@ class SQLiteKeyStore:
                 raise ConfigurationError(f"the key database {self._where} cannot use WAL mode")
         _migrate(conn, self._where)
 
+    def _cache_connection(self) -> sqlite3.Connection:
+        conn = self._db.connect(self._db.uri)
+        with _storage_errors("open the database"):
+            conn.execute("PRAGMA query_only = ON")  # the cache's reader never writes
+        return conn
+
     def _read(
         self, action: str, sql: str, params: Sequence[object] | dict[str, object]
     ) -> list[Any]:
@@ -252,8 +395,37 @@ class SQLiteKeyStore:
         return _record(rows[0][0]) if rows else None
 
     def find(self, digest: str) -> KeyRecord | None:
+        cache = self._cache
+        if cache is None:
+            return self._find(digest)
+        record, generation = cache.get(digest)
+        if record is None:
+            record = self._find(digest)
+            if record is not None:
+                cache.put(digest, record, generation)
+        return record
+
+    def find_cached(self, digest: str) -> KeyRecord | None:
+        """The record ``find`` would return, when it is remembered; else ``None``, which
+        means "ask ``find``", never "no such key" (those are not remembered).
+
+        Exact: served only while no key changed in the file since the record was read
+        (see :class:`_RecordCache`); a revocation by another process (``keyguard
+        revoke``) counts from the very next lookup. No I/O but a ``PRAGMA``, no thread.
+        """
+        if self._cache is None:
+            return None
+        return self._cache.get(digest)[0]
+
+    def _find(self, digest: str) -> KeyRecord | None:
         rows = self._read("look up a key", _FIND, (digest,))
         return _record(rows[0][0]) if rows else None
+
+    def _wrote(self) -> None:
+        # The cache would notice by itself at its next lookup; this also drops the
+        # lookups under way at once, whatever the timing.
+        if self._cache is not None:
+            self._cache.clear()
 
     def save(self, record: KeyRecord, event: AuditEvent) -> None:
         """Write the record, index all its digests and append ``event``, atomically."""
@@ -267,20 +439,26 @@ class SQLiteKeyStore:
         )
         digests = [(d.digest, record.id) for d in record.digests]
         audit = self._audit_row(event)
-        with self._db.write("save a key") as conn:
-            conn.execute(_UPSERT, row)
-            conn.execute("DELETE FROM key_digests WHERE key_id = ?", (record.id,))
-            conn.executemany("INSERT INTO key_digests (digest, key_id) VALUES (?, ?)", digests)
-            conn.execute(_INSERT_AUDIT, audit)
+        try:
+            with self._db.write("save a key") as conn:
+                conn.execute(_UPSERT, row)
+                conn.execute("DELETE FROM key_digests WHERE key_id = ?", (record.id,))
+                conn.executemany("INSERT INTO key_digests (digest, key_id) VALUES (?, ?)", digests)
+                conn.execute(_INSERT_AUDIT, audit)
+        finally:
+            self._wrote()
 
     def delete(self, key_id: str, event: AuditEvent) -> bool:
         """Remove the record and its digests; ``False`` (and no audit event) if unknown."""
         audit = self._audit_row(event)
-        with self._db.write("delete a key") as conn:
-            # the foreign key's ON DELETE CASCADE removes the digests in the same step
-            if conn.execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount == 0:
-                return False
-            conn.execute(_INSERT_AUDIT, audit)
+        try:
+            with self._db.write("delete a key") as conn:
+                # the foreign key's ON DELETE CASCADE removes the digests in the same step
+                if conn.execute("DELETE FROM keys WHERE id = ?", (key_id,)).rowcount == 0:
+                    return False
+                conn.execute(_INSERT_AUDIT, audit)
+        finally:
+            self._wrote()
         return True
 
     def list(self, query: KeyQuery) -> KeyPage:
@@ -326,6 +504,8 @@ class SQLiteKeyStore:
     def close(self) -> None:
         """Close every thread's connection; later calls raise :class:`StorageError`."""
         self._db.close()
+        if self._cache is not None:
+            self._cache.close()
         anchor, self._anchor = self._anchor, None
         if anchor is not None:
             with _storage_errors("close the database"):
@@ -341,7 +521,8 @@ class SQLiteKeyStore:
         return await asyncio.to_thread(self.get, key_id)
 
     async def afind(self, digest: str) -> KeyRecord | None:
-        return await asyncio.to_thread(self.find, digest)
+        found = self.find_cached(digest)  # a remembered record needs no thread
+        return found if found is not None else await asyncio.to_thread(self.find, digest)
 
     async def asave(self, record: KeyRecord, event: AuditEvent) -> None:
         await asyncio.to_thread(self.save, record, event)
