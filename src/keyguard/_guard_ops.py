@@ -43,6 +43,9 @@ class Backends:
     limiter: RateBackend | None
     find_now: Callable[[str], KeyRecord | None] | None = field(init=False, repr=False)
     hit_now: Callable[[HitRequest], Admission | None] | None = field(init=False, repr=False)
+    # The limiter gives back a slot its cancelled caller took (RedisRateStore on its
+    # pipe): a hit needs no task and shield of its own.
+    cancel_safe: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         keys, limiter = self.keys, self.limiter
@@ -54,6 +57,7 @@ class Backends:
             hit_now = limiter.hit_now
         object.__setattr__(self, "find_now", find_now)
         object.__setattr__(self, "hit_now", hit_now)
+        object.__setattr__(self, "cancel_safe", getattr(limiter, "cancel_safe", False) is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +104,13 @@ class Hit(Op[Backends, Backends, Admission]):
         if limiter is None:  # pragma: no cover - the flow never yields a hit then
             raise StorageError("no limiter configured")
         lease = self.request.lease
-        if lease is None:
+        if lease is None or ctx.cancel_safe:
             return await limiter.ahit(self.request)
         # A hit that takes a concurrency slot may run on after this task is cancelled
         # (in a worker thread, on a server), and nobody would give the slot back: the
         # key would stay at "full" until the lease expires (T82). So the hit is
-        # shielded; on cancellation we wait for it and release what it took.
+        # shielded; on cancellation we wait for it and release what it took. A
+        # limiter that declares ``cancel_safe`` does that itself, with no task.
         hit = asyncio.ensure_future(limiter.ahit(self.request))
         try:
             return await asyncio.shield(hit)

@@ -30,7 +30,11 @@ from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 from keyguard.backends._redis_client import KEEPALIVE, redis_clients
 from keyguard.backends._resp import Pipe, command, pipe_for
 from keyguard.backends.redis_limiter import RedisRateStore
+from keyguard.guard import Allow, Guard
 from keyguard.limiting import HitRequest, LimitPolicy, Window
+from keyguard.plans import Plan
+from keyguard.request import RequestInfo
+from keyguard.testing import memory_guard
 from tests import redis_support
 from tests.redis_support import RedisServer
 
@@ -269,7 +273,7 @@ async def test_an_orphaned_reply_goes_to_whoever_adopted_it(fake: FakeRedis) -> 
     await client.aclose()
 
 
-async def test_a_hit_cancelled_in_flight_gives_its_slot_back(own_redis: RedisServer) -> None:
+async def test_t82_a_hit_cancelled_in_flight_gives_its_slot_back(own_redis: RedisServer) -> None:
     """T82 on the pipe: the guard awaits the store with no task or shield
     (``cancel_safe``), so a hit whose caller is cancelled while the script runs must
     give the slot it took back by itself."""
@@ -280,7 +284,7 @@ async def test_a_hit_cancelled_in_flight_gives_its_slot_back(own_redis: RedisSer
     admin = redis.Redis.from_url(own_redis.url)
     assert store.cancel_safe
     assert (await store.ahit(HitRequest("warm", capped, lease="w"))).allowed
-    admin.client_pause(200, "ALL")  # the next script waits in the server
+    admin.client_pause(200)  # the next script waits in the server
     hit = asyncio.ensure_future(store.ahit(HitRequest("k", capped, lease="gone")))
     await asyncio.sleep(0.05)
     hit.cancel()
@@ -488,3 +492,40 @@ def test_the_pipe_runs_on_uvloop(own_redis: RedisServer) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert sorted(runner.run(hits())) == [997, 998, 999]
+
+
+async def test_t82_a_guard_check_cancelled_in_flight_gives_its_slot_back(
+    own_redis: RedisServer,
+) -> None:
+    """Through the guard, which awaits a ``cancel_safe`` store's hit directly: a check
+    cancelled while its script is held in the server leaves no slot taken."""
+    store = RedisRateStore.from_url(
+        own_redis.url, prefix="t82g", release_delay=0.001, socket_timeout=2
+    )
+    guard, manager = memory_guard(plans={"capped": Plan("capped", "1000/minute", None, None, 1)})
+    guard = Guard(keys=guard.backends.keys, limiter=store, plans=guard.plans)
+    assert guard.backends.cancel_safe
+    assert not guard.inline
+    assert not guard.threaded
+    key = manager.create("k", plan="capped").key.reveal()
+    request = RequestInfo("GET", "/", ((b"x-api-key", key.encode()),), peer="127.0.0.1")
+    admin = redis.Redis.from_url(own_redis.url)
+    warm = await guard.acheck(request)
+    assert isinstance(warm, Allow)
+    assert warm.lease is not None
+    await guard.arelease(warm.lease)
+    admin.client_pause(200)
+    check = asyncio.ensure_future(guard.acheck(request))
+    await asyncio.sleep(0.05)
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        decision = await guard.acheck(request)
+        if isinstance(decision, Allow):
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the slot never came back"
+        await asyncio.sleep(0.02)
+    admin.close()
+    await store.aclose()
