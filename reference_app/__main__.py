@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"reference_app: {exc}", file=sys.stderr)
         return 2
+    # Everything built so far lives as long as the server: out of the collector's
+    # sight, a full collection scans only what requests create. Under load a full
+    # collection of the whole heap took up to 70 ms, and set the p99 latency.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 
