@@ -285,3 +285,23 @@ def test_a_file_of_the_first_schema_is_migrated_and_its_changes_counted(db: Path
     other.close()
     expect_changed(store, issued, "revoke")
     store.close()
+
+
+def test_a_busy_file_is_a_miss_never_a_wait_or_an_error(store: SQLiteKeyStore) -> None:
+    """The cache may answer on the event loop, so it never waits for a lock: a busy
+    or locked file makes its check a miss (and forgets), and the query answers."""
+    issued = KeyManager(store).create("k")
+    record = cached(store, issued)
+    assert store._cache is not None
+    real = store._cache._cursor
+
+    class Busy:
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            raise sqlite3.OperationalError("database is locked")
+
+    store._cache._cursor = Busy()  # type: ignore[assignment]
+    assert store.find_cached(digest_of(issued)) is None
+    assert store._cache._records == {}
+    store._cache._cursor = real
+    assert store.find(digest_of(issued)) == record
+    assert store.find_cached(digest_of(issued)) == record

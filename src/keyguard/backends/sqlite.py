@@ -213,6 +213,12 @@ class _RecordCache:
                         self._forget()
                         self._changes = changes
                     self._version = version
+            except sqlite3.OperationalError:
+                # Busy or locked: not known without waiting, and this may run on the
+                # event loop (no busy timeout here): a miss, which a query answers.
+                self._forget()
+                self._version = None
+                return None, self._generation
             except sqlite3.Error as exc:
                 raise StorageError("the SQLite key store could not look up a key") from exc
             return self._records.get(digest), self._generation
@@ -379,6 +385,7 @@ class SQLiteKeyStore:
         conn = self._db.connect(self._db.uri)
         with _storage_errors("open the database"):
             conn.execute("PRAGMA query_only = ON")  # the cache's reader never writes
+            conn.execute("PRAGMA busy_timeout = 0")  # nor waits: busy is a miss (get)
         return conn
 
     def _read(
