@@ -7,6 +7,7 @@ result types without the decision machinery.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -14,9 +15,29 @@ from ._state import period_at
 from .denials import Denial
 from .limiting import Adjustment, LimitKind, LimitPolicy, LimitState, QuotaCharge
 
-__all__ = ["Allow", "Charge", "Decision", "Headers", "Identity", "Lease"]
+__all__ = ["Allow", "Charge", "Decision", "Headers", "Identity", "Lease", "quota_charges"]
 
 Headers: TypeAlias = tuple[tuple[bytes, bytes], ...]
+
+
+def quota_charges(
+    policy: LimitPolicy, states: Sequence[LimitState], at: float
+) -> tuple[QuotaCharge, ...]:
+    """The quota counters an admission of ``policy`` charged, read from its ``states``.
+
+    A backend reports a quota's period as ``reset_after`` (seconds to its end, on the
+    backend's clock) and its length; the middle of the period, placed at ``at`` (this
+    process's clock at the admission), names it whatever the skew, up to half a day.
+    """
+    quotas = [s for s in states if s.kind is LimitKind.QUOTA]
+    return tuple(
+        QuotaCharge(
+            quota.period,
+            quota.scope,
+            period_at(at + state.reset_after - (state.window_seconds or 0) / 2, quota.period).key,
+        )
+        for quota, state in zip(policy.quotas, quotas, strict=False)
+    )
 
 
 class Charge:
@@ -79,13 +100,7 @@ class Charge:
         the backend's clock) and its length; the middle of the period, placed on this
         process's clock at the admission, names it whatever the skew, up to half a day.
         """
-        quotas = [s for s in self._states if s.kind is LimitKind.QUOTA]
-        out = []
-        for quota, state in zip(self._policy.quotas, quotas, strict=False):
-            middle = self._at + state.reset_after - (state.window_seconds or 0) / 2
-            period = period_at(middle, quota.period)
-            out.append(QuotaCharge(quota.period, quota.scope, period.key))
-        return tuple(out)
+        return quota_charges(self._policy, self._states, self._at)
 
     def adjustment(self, used: int) -> Adjustment:
         """Settle to ``used`` units: give back, or charge, the difference."""

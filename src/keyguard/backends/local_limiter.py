@@ -33,7 +33,7 @@ import logging
 from collections.abc import Sequence
 from typing import ClassVar
 
-from .._state import period_at
+from ..decisions import quota_charges
 from ..errors import StorageError
 from ..limiting import (
     Adjustment,
@@ -42,7 +42,6 @@ from ..limiting import (
     LimitKind,
     LimitPolicy,
     LimitState,
-    QuotaCharge,
 )
 from .memory_limiter import MemoryRateStore
 from .sqlite_limiter import SQLiteRateStore
@@ -51,27 +50,6 @@ __all__ = ["LocalWindowsRateStore", "quota_charges"]
 
 _logger = logging.getLogger("keyguard")
 _MAX_SPLITS = 4096
-
-
-def quota_charges(
-    policy: LimitPolicy, states: Sequence[LimitState], wall: float
-) -> tuple[QuotaCharge, ...]:
-    """The quota counters an admission of ``policy`` charged, read from its ``states``.
-
-    A quota's state gives its period's end as ``reset_after`` seconds from the hit and
-    its length as ``window_seconds``; the middle of that period, placed at ``wall`` (a
-    time read just after the hit), names it whatever passed in between, up to half a
-    day. The same reckoning as :meth:`keyguard.decisions.Charge.charges`.
-    """
-    quotas = [s for s in states if s.kind is LimitKind.QUOTA]
-    return tuple(
-        QuotaCharge(
-            quota.period,
-            quota.scope,
-            period_at(wall + state.reset_after - (state.window_seconds or 0) / 2, quota.period).key,
-        )
-        for quota, state in zip(policy.quotas, quotas, strict=True)
-    )
 
 
 class _Split:
