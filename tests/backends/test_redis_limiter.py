@@ -30,11 +30,13 @@ from redis.exceptions import NoPermissionError, OutOfMemoryError
 
 from keyguard._state import period_at
 from keyguard.backends._redis_client import redis_clients
+from keyguard.backends.memory import MemoryKeyStore
 from keyguard.backends.redis_limiter import RedisRateStore
 from keyguard.backends.registry import open_rate_store
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
 from keyguard.configure import build_guard
 from keyguard.errors import ConfigurationError, StorageError
+from keyguard.guard import Guard
 from keyguard.limiting import (
     Admission,
     HitRequest,
@@ -645,6 +647,21 @@ async def test_arelease_rides_on_the_next_hit(own_redis: RedisServer) -> None:
         assert (await store.ahit(HitRequest("k", cap, lease=f"b{n}"))).allowed
     assert SENT == ["EVALSHA"] * 20
     assert not (await store.ahit(HitRequest("k", cap, lease="c"))).allowed
+    await store.aclose()
+
+
+async def test_arelease_never_suspends_so_the_guard_awaits_it_directly(
+    own_redis: RedisServer,
+) -> None:
+    """``queues_releases``: the release finishes at its first step, with no I/O, so the
+    ASGI adapter needs no task and shield around it (a cancellation cannot cut it)."""
+    store = RedisRateStore.from_url(own_redis.url, prefix=prefix(), release_delay=1.0)
+    assert (await store.ahit(HitRequest("k", LimitPolicy(concurrency=1), lease="a"))).allowed
+    release = store.arelease("k", "a")
+    with pytest.raises(StopIteration):
+        release.send(None)
+    assert (await store.ahit(HitRequest("k", LimitPolicy(concurrency=1), lease="b"))).allowed
+    assert Guard(keys=MemoryKeyStore(), limiter=store).quick_release
     await store.aclose()
 
 

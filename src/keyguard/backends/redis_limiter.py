@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from importlib.resources import files
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 import redis
 import redis.asyncio.cluster
@@ -179,6 +179,10 @@ class RedisRateStore:
 
     .. versionadded:: 0.1
     """
+
+    # ``arelease`` only queues (see there) and never suspends: the ASGI adapter awaits
+    # it directly, with no task and shield around it.
+    queues_releases: ClassVar[bool] = True
 
     def __init__(
         self,
