@@ -31,7 +31,7 @@ from redis.exceptions import NoPermissionError, OutOfMemoryError
 from keyguard._state import period_at
 from keyguard.backends._redis_client import redis_clients
 from keyguard.backends.memory import MemoryKeyStore
-from keyguard.backends.redis_limiter import RedisRateStore
+from keyguard.backends.redis_limiter import _ADMIT, RedisRateStore
 from keyguard.backends.registry import open_rate_store
 from keyguard.backends.sqlite_limiter import SQLiteRateStore
 from keyguard.configure import build_guard
@@ -648,6 +648,38 @@ async def test_arelease_rides_on_the_next_hit(own_redis: RedisServer) -> None:
     assert SENT == ["EVALSHA"] * 20
     assert not (await store.ahit(HitRequest("k", cap, lease="c"))).allowed
     await store.aclose()
+
+
+async def test_a_lease_released_twice_frees_one_slot(own_redis: RedisServer) -> None:
+    """Both releases ride on the next hit: one slot comes back, the other holder keeps
+    its own, and the cap still refuses a third (the script counts a lease once)."""
+    store = RedisRateStore.from_url(own_redis.url, prefix=prefix(), release_delay=1.0)
+    cap = LimitPolicy(concurrency=2)
+    assert (await store.ahit(HitRequest("k", cap, lease="a"))).allowed
+    assert (await store.ahit(HitRequest("k", cap, lease="b"))).allowed
+    await store.arelease("k", "a")
+    await store.arelease("k", "a")
+    admitted = await store.ahit(HitRequest("k", cap, lease="c"))
+    assert admitted.allowed
+    assert admitted.states[0].remaining == 0
+    assert not (await store.ahit(HitRequest("k", cap, lease="d"))).allowed
+    await store.aclose()
+
+
+def test_the_script_counts_a_lease_released_twice_once(own_redis: RedisServer) -> None:
+    """The client sends each release once; the script does not rely on it: given one
+    lease twice it frees one slot, and the other holder's survives."""
+    store = RedisRateStore.from_url(own_redis.url, prefix=prefix())
+    cap = LimitPolicy(concurrency=2)
+    assert store.hit(HitRequest("k", cap, lease="a")).allowed
+    assert store.hit(HitRequest("k", cap, lease="b")).allowed
+    plan = store._hit_plan(HitRequest("k", cap, lease="c"))
+    operands = [*store._call("hit", "k", plan, 1, "c", released=("a",)), "a"]
+    client = redis.Redis.from_url(own_redis.url)
+    assert client.evalsha(_ADMIT.sha, *operands)[:3] == [1, -1, 0]
+    assert not store.hit(HitRequest("k", cap, lease="d")).allowed  # b and c hold
+    client.close()
+    store.close()
 
 
 async def test_arelease_never_suspends_so_the_guard_awaits_it_directly(

@@ -226,20 +226,35 @@ local function forget_released() -- with the writes, so OOM still fails an admis
   if released <= #ARGV then redis.call("ZREM", KEYS[3], unpack(ARGV, released)) end
 end
 
-local held, present, soonest = 0, false, nil
+-- held: live slots but those released now. Each call a script makes costs about a
+-- microsecond, so the lease's own score and the soonest expiry are asked only when
+-- other slots are held; with none, the lease is live only if it is being released.
+local held, present, soonest, releasing = 0, false, nil, false
 if cap then
   local live = "(" .. t
   held = redis.call("ZCOUNT", KEYS[3], live, "+inf")
-  for j = released, #ARGV do
-    local score = redis.call("ZSCORE", KEYS[3], ARGV[j])
-    if score and tonumber(score) > t then held = held - 1 end
+  if held > 0 then
+    local seen = {} -- a lease released twice frees one slot
+    for j = released, #ARGV do
+      local id = ARGV[j]
+      if not seen[id] then
+        seen[id] = true
+        local score = redis.call("ZSCORE", KEYS[3], id)
+        if score and tonumber(score) > t then
+          held = held - 1
+          if id == lease then present, releasing = true, true end
+        end
+      end
+    end
   end
   if held > 0 then
-    soonest = tonumber(redis.call("ZRANGEBYSCORE", KEYS[3], live, "+inf", "WITHSCORES", "LIMIT", 0, 1)[2])
-  end
-  if lease then
-    local score = redis.call("ZSCORE", KEYS[3], lease)
-    present = score ~= false and tonumber(score) > t
+    if held + 1 >= cap then
+      soonest = tonumber(redis.call("ZRANGEBYSCORE", KEYS[3], live, "+inf", "WITHSCORES", "LIMIT", 0, 1)[2])
+    end
+    if lease then
+      local score = redis.call("ZSCORE", KEYS[3], lease)
+      present = score ~= false and tonumber(score) > t
+    end
   end
 end
 
@@ -386,13 +401,21 @@ if charging then
       redis.call("HSET", KEYS[2], "x", x, unpack(fields))
       if x ~= qx then redis.call("PEXPIRE", KEYS[2], math.max(1, x - wall_ms) + pad) end
     end
-    if cap and lease then
+    if cap and lease and held == 0 and not releasing then
+      -- Every other member has expired or is released now: the set becomes this
+      -- lease alone, whose expiry is the latest.
+      redis.call("DEL", KEYS[3])
       redis.call("ZADD", KEYS[3], t + lease_ms, lease)
-      redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", t)
-      local last = tonumber(redis.call("ZRANGE", KEYS[3], -1, -1, "WITHSCORES")[2])
-      redis.call("PEXPIRE", KEYS[3], math.max(1, last - t) + pad)
+      redis.call("PEXPIRE", KEYS[3], lease_ms + pad)
+    else
+      if cap and lease then
+        redis.call("ZADD", KEYS[3], t + lease_ms, lease)
+        redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", t)
+        local last = tonumber(redis.call("ZRANGE", KEYS[3], -1, -1, "WITHSCORES")[2])
+        redis.call("PEXPIRE", KEYS[3], math.max(1, last - t) + pad)
+      end
+      forget_released()
     end
-    forget_released()
     if cost == 0 then forget_stale_quotas() end
     local reply = { 1, -1, 0 }
     for j = 1, #states do reply[j + 3] = states[j] end
