@@ -87,9 +87,16 @@ local function period_of(kind, y, m, d)
     days_from_civil(y, m, 1) * 86400, days_from_civil(ny, nm, 1) * 86400
 end
 
-local function period_at(kind, seconds)
-  local y, m, d = civil_from_days(floor_div(seconds, 86400))
-  return period_of(kind, y, m, d)
+local function period_at(kind, seconds) -- period_of, with the day number at hand
+  local z = floor_div(seconds, 86400)
+  local y, m, d = civil_from_days(z)
+  if kind == "day" then
+    return string.format("%04d-%02d-%02d", y, m, d), z * 86400, z * 86400 + 86400
+  end
+  local days = 28 + (m + floor(m / 8)) % 2 + 2 % m + 2 * floor(1 / m) -- Feb: 28
+  if m == 2 and y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) then days = 29 end
+  local start = (z - d + 1) * 86400
+  return string.format("%04d-%02d", y, m), start, start + days * 86400
 end
 
 local function period_named(kind, id)
@@ -126,6 +133,7 @@ end
 -- read everything first: a WRONGTYPE key fails here, before anything is written
 local wx, qx = nil, nil
 local k0, body, nslots, total = {}, {}, {}, {}
+local kt = {} -- per counter: the slot t falls in (k: ((k-1)*width, k*width])
 if nc > 0 then
   local raw = redis.call("HMGET", KEYS[1], "x", unpack(cfield))
   wx = tonumber(raw[1])
@@ -137,6 +145,7 @@ if nc > 0 then
       body[c] = stored:sub(25)
       nslots[c] = #body[c] / 4
     end
+    kt[c] = ceil_div(t, cwidth[c])
   end
 end
 
@@ -182,7 +191,7 @@ for c = 1, nc do
   if n > 0 then
     local width, first = cwidth[c], k0[c]
     local gone = floor_div(t - cspan[c], width) - first + 1 -- slots with k * width <= t - span
-    local now = ceil_div(t, width)
+    local now = kt[c]
     local future = 0
     if first + n - 1 > now or slot(c, n) == 0 or slot(c, 1) == 0 then
       future = settle(c, gone, now)
@@ -272,15 +281,15 @@ local function quota_reset(q) -- ms until the quota's period ends
   return floor((qend[q] * 1000000 - wall_us) / 1000 + 0.5)
 end
 
--- the states with this hit charged, or nil if a limit refuses it
+-- the reply admitting this hit, with the states it leaves, or nil if a limit refuses it
 local function if_charged()
-  local out = {}
+  local out = { 1, -1, 0 }
   for w = 1, nw do
     local c, limit = wcounter[w], wlimit[w]
     local used, stop
     if nslots[c] == 0 then
       if limit < 1 then return nil end
-      used, stop = 0, ceil_div(t, cwidth[c]) * cwidth[c] + cspan[c]
+      used, stop = 0, kt[c] * cwidth[c] + cspan[c]
     else
       used = total[c]
       if used >= limit then return nil end
@@ -361,14 +370,14 @@ end
 -- under OOM an admission fails whole, never half-charged. A refusal only keeps what
 -- expiry changed (as keyguard.windows does), mostly by deleting.
 if charging then
-  local states = if_charged()
-  if states then
+  local reply = if_charged()
+  if reply then
     -- charge: windows count requests, quotas units, the lease takes a slot
     if nc > 0 then
       local fields, x = {}, wx or 0
       for c = 1, nc do
         local width, n = cwidth[c], nslots[c]
-        local k = ceil_div(t, width)
+        local k = kt[c]
         if n == 0 then
           k0[c], body[c], nslots[c] = k, struct.pack(U32, 1), 1
         else
@@ -417,8 +426,6 @@ if charging then
       forget_released()
     end
     if cost == 0 then forget_stale_quotas() end
-    local reply = { 1, -1, 0 }
-    for j = 1, #states do reply[j + 3] = states[j] end
     return reply
   end
   forget_stale_quotas()
