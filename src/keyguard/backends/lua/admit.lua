@@ -15,13 +15,14 @@
 -- One hash tag per bucket, so the script runs on Redis Cluster.
 --
 -- ARGV: mode ("hit" charges, "peek" only reads), t_ms and wall_us (both "" -> server
--- TIME; a test clock passes its own), cost, "=" .. lease ("" none); the store's
--- lease_ms, ttl_pad_ms; the policy's cap ("" none), nc, nc x (field, span_ms,
--- width_ms); nw, nw x (counter, limit); nq, nq x (field, "day"|"month"); nl, nl x
--- (quota, limit); then any leases of this bucket released since its last call (the
--- client defers releases: ZREM is idempotent, so one carried twice, or after its
--- expiry, is harmless). In that order so the client sends the policy's part
--- pre-encoded.
+-- TIME; a test clock passes its own), cost, "=" .. lease ("" none); then the numbers,
+-- as little-endian doubles in one string (tonumber runs strtod, which costs more than
+-- the rest of the parsing): the store's lease_ms and ttl_pad_ms, the policy's cap (-1
+-- none), nc, nc x (span_ms, width_ms); nw, nw x (counter, limit); nq, nq x (1 "day" |
+-- 2 "month"); nl, nl x (quota, limit); then the nc counter fields, the nq quota
+-- fields; then any leases of this bucket released since its last call (the client
+-- defers releases: ZREM is idempotent, so one carried twice, or after its expiry, is
+-- harmless). In that order so the client sends the policy's part pre-encoded.
 --
 -- Returns {allowed, retry_ms (-1: waiting cannot help), denied (1-based limit, 0 none),
 -- then per limit in order: remaining, reset_ms [, period_s for a quota]}.
@@ -39,7 +40,8 @@ end
 local charging = mode == "hit"
 local cost = charging and tonumber(ARGV[4]) or 0
 local lease = charging and ARGV[5] ~= "" and ARGV[5]:sub(2) or nil -- "=<id>", so "" is an id
-local lease_ms, pad, cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local v = { struct.unpack("<" .. string.rep("d", #ARGV[6] / 8), ARGV[6]) }
+local lease_ms, pad, cap = v[1], v[2], v[3] >= 0 and v[3] or nil
 local QUOTA_MARGIN_MS = 3600000 -- a quota counter outlives its period by an hour
 local floor = math.floor
 
@@ -103,30 +105,30 @@ local function period_named(kind, id)
   return period_of(kind, tonumber(id:sub(1, 4)), tonumber(id:sub(6, 7)), tonumber(id:sub(9, 10)) or 1)
 end
 
--- the policy
-local i = 9
-local nc = tonumber(ARGV[i]); i = i + 1
+-- the policy: numbers from v (i), field names from ARGV (a)
+local i, a = 5, 7
+local nc = v[4]
 local cfield, cspan, cwidth = {}, {}, {}
 for c = 1, nc do
-  cfield[c], cspan[c], cwidth[c] = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
+  cfield[c], cspan[c], cwidth[c] = ARGV[a], v[i], v[i + 1]
+  i, a = i + 2, a + 1
 end
-local nw = tonumber(ARGV[i]); i = i + 1
+local nw = v[i]; i = i + 1
 local wcounter, wlimit = {}, {}
 for w = 1, nw do
-  wcounter[w], wlimit[w] = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  wcounter[w], wlimit[w] = v[i], v[i + 1]
   i = i + 2
 end
-local nq = tonumber(ARGV[i]); i = i + 1
+local nq = v[i]; i = i + 1
 local qfield, qkind = {}, {}
 for q = 1, nq do
-  qfield[q], qkind[q] = ARGV[i], ARGV[i + 1]
-  i = i + 2
+  qfield[q], qkind[q] = ARGV[a], v[i] == 1 and "day" or "month"
+  i, a = i + 1, a + 1
 end
-local nl = tonumber(ARGV[i]); i = i + 1
+local nl = v[i]; i = i + 1
 local lquota, llimit = {}, {}
 for l = 1, nl do
-  lquota[l], llimit[l] = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  lquota[l], llimit[l] = v[i], v[i + 1]
   i = i + 2
 end
 
@@ -230,7 +232,7 @@ if nq > 0 then
   end
 end
 
-local released = i -- ARGV[released..]: leases given back; counted out now, removed
+local released = a -- ARGV[released..]: leases given back; counted out now, removed
 local function forget_released() -- with the writes, so OOM still fails an admission whole
   if released <= #ARGV then redis.call("ZREM", KEYS[3], unpack(ARGV, released)) end
 end
