@@ -138,17 +138,18 @@ class _Plan:
         quotas = list(periods)
         self.cap = policy.concurrency
         numbers: list[int] = [lease_ms, pad_ms, -1 if self.cap is None else self.cap]
+        # Each list whole, then the next (admit.lua reads a list with one unpack).
         numbers.append(len(counters))
-        for seconds in counters.values():
-            numbers += [seconds * 1000, max(1, seconds // slots) * 1000]
+        numbers += [seconds * 1000 for seconds in counters.values()]
+        numbers += [max(1, seconds // slots) * 1000 for seconds in counters.values()]
         numbers.append(len(policy.windows))
-        for w in policy.windows:
-            numbers += [index[f"b{w.seconds}:{w.scope}"], w.limit]
+        numbers += [index[f"b{w.seconds}:{w.scope}"] for w in policy.windows]
+        numbers += [w.limit for w in policy.windows]
         numbers.append(len(quotas))
         numbers += [_PERIOD_CODES[period] for period in periods.values()]
         numbers.append(len(policy.quotas))
-        for q in policy.quotas:
-            numbers += [quotas.index(f"{q.period.value}:{q.scope}") + 1, q.limit]
+        numbers += [quotas.index(f"{q.period.value}:{q.scope}") + 1 for q in policy.quotas]
+        numbers += [q.limit for q in policy.quotas]
         blob = struct.pack(f"<{len(numbers)}d", *numbers)
         names = (*counters, *quotas)
         self.args: tuple[bytes | str, ...] = (blob, *names)

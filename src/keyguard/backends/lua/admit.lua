@@ -18,8 +18,9 @@
 -- TIME; a test clock passes its own), cost, "=" .. lease ("" none); then the numbers,
 -- as little-endian doubles in one string (tonumber runs strtod, which costs more than
 -- the rest of the parsing): the store's lease_ms and ttl_pad_ms, the policy's cap (-1
--- none), nc, nc x (span_ms, width_ms); nw, nw x (counter, limit); nq, nq x (1 "day" |
--- 2 "month"); nl, nl x (quota, limit); then the nc counter fields, the nq quota
+-- none), nc, nc spans (ms), nc slot widths (ms); nw, nw counters, nw limits; nq, nq
+-- periods (1 "day", 2 "month"); nl, nl quotas, nl limits (each list whole, so one
+-- unpack builds its table at its size); then the nc counter fields, the nq quota
 -- fields; then any leases of this bucket released since its last call (the client
 -- defers releases: ZREM is idempotent, so one carried twice, or after its expiry, is
 -- harmless). In that order so the client sends the policy's part pre-encoded.
@@ -105,32 +106,21 @@ local function period_named(kind, id)
   return period_of(kind, tonumber(id:sub(1, 4)), tonumber(id:sub(6, 7)), tonumber(id:sub(9, 10)) or 1)
 end
 
--- the policy: numbers from v (i), field names from ARGV (a)
-local i, a = 5, 7
+-- the policy: numbers from v, field names from ARGV; a table built by a constructor
+-- is allocated once at its size (filled one by one, it grows 1, 2, 4...)
 local nc = v[4]
-local cfield, cspan, cwidth = {}, {}, {}
-for c = 1, nc do
-  cfield[c], cspan[c], cwidth[c] = ARGV[a], v[i], v[i + 1]
-  i, a = i + 2, a + 1
-end
-local nw = v[i]; i = i + 1
-local wcounter, wlimit = {}, {}
-for w = 1, nw do
-  wcounter[w], wlimit[w] = v[i], v[i + 1]
-  i = i + 2
-end
-local nq = v[i]; i = i + 1
-local qfield, qkind = {}, {}
-for q = 1, nq do
-  qfield[q], qkind[q] = ARGV[a], v[i] == 1 and "day" or "month"
-  i, a = i + 1, a + 1
-end
-local nl = v[i]; i = i + 1
-local lquota, llimit = {}, {}
-for l = 1, nl do
-  lquota[l], llimit[l] = v[i], v[i + 1]
-  i = i + 2
-end
+local cspan, cwidth = { unpack(v, 5, 4 + nc) }, { unpack(v, 5 + nc, 4 + 2 * nc) }
+local i = 5 + 2 * nc
+local nw = v[i]
+local wcounter, wlimit = { unpack(v, i + 1, i + nw) }, { unpack(v, i + nw + 1, i + 2 * nw) }
+i = i + 2 * nw + 1
+local nq = v[i]
+local qkind = { unpack(v, i + 1, i + nq) }
+for q = 1, nq do qkind[q] = qkind[q] == 1 and "day" or "month" end
+i = i + nq + 1
+local nl = v[i]
+local lquota, llimit = { unpack(v, i + 1, i + nl) }, { unpack(v, i + nl + 1, i + 2 * nl) }
+local cfield, qfield = { unpack(ARGV, 7, 6 + nc) }, { unpack(ARGV, 7 + nc, 6 + nc + nq) }
 
 -- read everything first: a WRONGTYPE key fails here, before anything is written
 local wx, qx = nil, nil
@@ -232,7 +222,7 @@ if nq > 0 then
   end
 end
 
-local released = a -- ARGV[released..]: leases given back; counted out now, removed
+local released = 7 + nc + nq -- ARGV[released..]: leases given back; counted out now, removed
 local function forget_released() -- with the writes, so OOM still fails an admission whole
   if released <= #ARGV then redis.call("ZREM", KEYS[3], unpack(ARGV, released)) end
 end
