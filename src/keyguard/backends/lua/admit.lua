@@ -124,18 +124,20 @@ local cfield, qfield = { unpack(ARGV, 7, 6 + nc) }, { unpack(ARGV, 7 + nc, 6 + n
 
 -- read everything first: a WRONGTYPE key fails here, before anything is written
 local wx, qx = nil, nil
-local k0, body, nslots, total = {}, {}, {}, {}
+-- A counter's slots are body[c] from byte skip[c] + 1 on: the string as stored, its
+-- header skipped, so that reading, expiring and charging a counter make one new string
+-- (its new value), not one per step (a string costs Redis's Lua ~4,000 instructions).
+local k0, body, skip, nslots, total = {}, {}, {}, {}, {}
 local kt = {} -- per counter: the slot t falls in (k: ((k-1)*width, k*width])
 if nc > 0 then
   local raw = redis.call("HMGET", KEYS[1], "x", unpack(cfield))
   wx = tonumber(raw[1])
   for c = 1, nc do
-    k0[c], body[c], nslots[c], total[c] = 0, "", 0, 0
+    k0[c], body[c], skip[c], nslots[c], total[c] = 0, "", 0, 0, 0
     local stored = raw[c + 1]
     if stored and #stored > 24 then
       cwidth[c], k0[c], total[c] = struct.unpack("<ddd", stored)
-      body[c] = stored:sub(25)
-      nslots[c] = #body[c] / 4
+      body[c], skip[c], nslots[c] = stored, 24, (#stored - 24) / 4
     end
     kt[c] = ceil_div(t, cwidth[c])
   end
@@ -143,7 +145,11 @@ end
 
 local U32, EMPTY = "<I4", "\0\0\0\0"
 local function slot(c, j) -- the count of counter c's j-th slot (1-based)
-  return (struct.unpack(U32, body[c], 4 * j - 3))
+  return (struct.unpack(U32, body[c], skip[c] + 4 * j - 3))
+end
+
+local function slots(c) -- counter c's slots as a string of their own
+  return skip[c] == 0 and body[c] or body[c]:sub(skip[c] + 1)
 end
 
 -- The general case, kept as keyguard.windows writes it: drop slots that left the
@@ -170,7 +176,8 @@ local function settle(c, gone, now)
   while hi >= lo and kept[hi] == 0 do hi = hi - 1 end
   local parts, sum = {}, 0
   for j = lo, hi do parts[#parts + 1] = struct.pack(U32, kept[j]); sum = sum + kept[j] end
-  k0[c], body[c], nslots[c], total[c] = start + lo - 1, table.concat(parts), hi - lo + 1, sum
+  k0[c], nslots[c], total[c] = start + lo - 1, hi - lo + 1, sum
+  body[c], skip[c] = table.concat(parts), 0
   return future
 end
 
@@ -188,12 +195,12 @@ for c = 1, nc do
     if first + n - 1 > now or slot(c, n) == 0 or slot(c, 1) == 0 then
       future = settle(c, gone, now)
     elseif gone >= n then
-      k0[c], body[c], nslots[c], total[c] = first + gone, "", 0, 0
+      k0[c], body[c], skip[c], nslots[c], total[c] = first + gone, "", 0, 0, 0
     elseif gone > 0 then
       local dropped, lo = 0, gone + 1
       for j = 1, gone do dropped = dropped + slot(c, j) end
       while slot(c, lo) == 0 do lo = lo + 1 end -- ends: the last slot is not empty
-      k0[c], body[c], nslots[c] = first + lo - 1, body[c]:sub(4 * lo - 3), n - lo + 1
+      k0[c], skip[c], nslots[c] = first + lo - 1, skip[c] + 4 * (lo - 1), n - lo + 1
       total[c] = total[c] - dropped
     end
     changed[c] = gone > 0 or future > 0
@@ -260,7 +267,7 @@ if cap then
 end
 
 local function packed(c) -- a counter as stored
-  return struct.pack("<ddd", cwidth[c], k0[c], total[c]) .. body[c]
+  return struct.pack("<ddd", cwidth[c], k0[c], total[c]) .. slots(c)
 end
 
 local function forget_stale_quotas()
@@ -370,20 +377,21 @@ if charging then
       for c = 1, nc do
         local width, n = cwidth[c], nslots[c]
         local k = kt[c]
+        local stored
         if n == 0 then
-          k0[c], body[c], nslots[c] = k, struct.pack(U32, 1), 1
+          stored = struct.pack("<dddI4", width, k, 1, 1)
         else
           local hi = k0[c] + n - 1 -- <= k: settled above
+          local head = struct.pack("<ddd", width, k0[c], total[c] + 1)
           if hi == k then
-            body[c] = body[c]:sub(1, -5) .. struct.pack(U32, slot(c, n) + 1)
+            local last = struct.pack(U32, slot(c, n) + 1)
+            stored = head .. body[c]:sub(skip[c] + 1, -5) .. last
           else
-            body[c] = body[c] .. EMPTY:rep(k - hi - 1) .. struct.pack(U32, 1)
-            nslots[c] = n + k - hi
+            stored = head .. slots(c) .. EMPTY:rep(k - hi - 1) .. struct.pack(U32, 1)
           end
         end
-        total[c] = total[c] + 1
         fields[#fields + 1] = cfield[c]
-        fields[#fields + 1] = packed(c)
+        fields[#fields + 1] = stored
         x = math.max(x, k * width + cspan[c])
       end
       redis.call("HSET", KEYS[1], "x", x, unpack(fields))
