@@ -38,11 +38,13 @@ from keyguard.configure import build_guard
 from keyguard.errors import ConfigurationError, StorageError
 from keyguard.guard import Guard
 from keyguard.limiting import (
+    Adjustment,
     Admission,
     HitRequest,
     LimitPolicy,
     LimitState,
     Quota,
+    QuotaCharge,
     QuotaPeriod,
     Window,
 )
@@ -408,6 +410,54 @@ async def test_one_round_trip_per_hit(own_redis: RedisServer) -> None:
     assert 0 < sum(a.allowed for a in results) < 60
     admin.close()
     await store.aclose()
+
+
+def test_a_hash_expiry_moves_only_when_its_counters_reach_further(
+    own_redis: RedisServer,
+) -> None:
+    """Hits in the slot the stored counters already reach set no expiry; the slot after
+    moves the windows' (once), never the quotas' (their period is the same)."""
+    clock = FakeClock(1_800_000_000.0)
+    store = RedisRateStore.from_url(own_redis.url, prefix=prefix(), clock=clock)
+    admin = redis.Redis.from_url(own_redis.url)
+    policy = LimitPolicy(
+        windows=(Window("minute", 1000, 60), Window("hour", 1000, 3600)),
+        quotas=(Quota("monthly", 10**6, QuotaPeriod.MONTH),),
+    )
+    assert store.hit(HitRequest("k", policy)).allowed
+    admin.config_resetstat()
+    for _ in range(10):
+        assert store.hit(HitRequest("k", policy)).allowed
+    assert commands(admin).get("pexpire", 0) == 0
+    clock.advance(90.0)  # the hour window's next slot
+    for _ in range(10):
+        assert store.hit(HitRequest("k", policy)).allowed
+    assert commands(admin).get("pexpire", 0) == 1
+    windows, quotas = store._keys("k")[:2]
+    assert admin.pttl(windows) > 3_600_000
+    assert admin.pttl(quotas) > 3_600_000
+    admin.close()
+    store.close()
+
+
+def test_a_settlement_never_shortens_the_quota_hash_expiry(own_redis: RedisServer) -> None:
+    """A settlement of the day's counter alone leaves the hash living as long as its
+    month's counter needs."""
+    clock = FakeClock(1_800_000_000.0)
+    store = RedisRateStore.from_url(own_redis.url, prefix=prefix(), clock=clock)
+    admin = redis.Redis.from_url(own_redis.url)
+    policy = LimitPolicy(
+        quotas=(Quota("daily", 100, QuotaPeriod.DAY), Quota("monthly", 1000, QuotaPeriod.MONTH))
+    )
+    assert store.hit(HitRequest("k", policy, cost=5)).allowed
+    quotas = store._keys("k")[1]
+    month_ttl = admin.pttl(quotas)
+    day = period_at(clock.now(), QuotaPeriod.DAY).key
+    store.adjust(Adjustment("k", (QuotaCharge(QuotaPeriod.DAY, "", day),), -2))
+    assert store.peek("k", policy)[0].remaining == 97
+    assert admin.pttl(quotas) > month_ttl - 5_000
+    admin.close()
+    store.close()
 
 
 def test_r4_script_flush_reloads_once_and_every_key_expires(own_redis: RedisServer) -> None:

@@ -6,8 +6,8 @@ T74), checks every window, quota and the concurrency slot with the arithmetic of
 :mod:`keyguard.windows`, and charges all of them or none. A bucket lives in three keys
 that share one hash tag, so the script runs on Redis Cluster too::
 
-    {kg:<bucket>}:win    hash: a field per window (its slots, binary), "x" = expiry
-    {kg:<bucket>}:quota  hash: a field per quota ("<period id>:<used>"), "x" = expiry
+    {kg:<bucket>}:win    hash: a field per window (its slots, binary)
+    {kg:<bucket>}:quota  hash: a field per quota ("<period id>:<used>")
     {kg:<bucket>}:lease  zset: lease id -> expiry (ms)
 
 One hash per kind, not a key per window, so :meth:`RedisRateStore.reset` knows every

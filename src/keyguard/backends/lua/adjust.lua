@@ -20,15 +20,15 @@ end
 local delta, pad = tonumber(ARGV[2]), tonumber(ARGV[3])
 local QUOTA_MARGIN_MS = 3600000 -- as admit.lua: a counter outlives its period by an hour
 
-local fields = { "x" }
+local fields = {}
 for i = 4, #ARGV, 4 do fields[#fields + 1] = ARGV[i] end
 local raw = redis.call("HMGET", KEYS[1], unpack(fields))
-local x, writes = tonumber(raw[1]) or 0, {}
+local x, writes = 0, {}
 for i = 4, #ARGV, 4 do
   local pid, start, stop = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   if wall_us >= start * 1000000 and wall_us < stop * 1000000 then
     local used, ours = 0, true
-    local stored = raw[(i - 4) / 4 + 2]
+    local stored = raw[(i - 4) / 4 + 1]
     if stored then
       local spid, sused = string.match(stored, "^(.+):(%d+)$")
       if spid == pid then
@@ -45,6 +45,8 @@ for i = 4, #ARGV, 4 do
   end
 end
 if #writes == 0 then return 0 end
-redis.call("HSET", KEYS[1], "x", x, unpack(writes))
-redis.call("PEXPIRE", KEYS[1], math.max(1, x - math.floor(wall_us / 1000)) + pad)
+redis.call("HSET", KEYS[1], unpack(writes))
+-- Only ever later: another counter of the hash (a longer period) may need more.
+local ttl = math.max(1, x - math.floor(wall_us / 1000)) + pad
+if redis.call("PTTL", KEYS[1]) < ttl then redis.call("PEXPIRE", KEYS[1], ttl) end
 return #writes / 2

@@ -5,12 +5,16 @@
 -- KEYS[1] windows hash  {<prefix>:<bucket>}:win    field "b<seconds>:<scope>" ->
 --         struct "<ddd" (width_ms, k0, total) then one little-endian uint32 per slot
 --         (n_k0, n_k0+1, ...): slot k holds the requests of ((k-1)*width, k*width]
---         (ms); the first and last slots are never empty; field "x" -> the ms by which
---         all of it expires. Binary, with its total, so that a hit costs O(1) in the
---         usual case (no slot left the window, or one did): Lua loops over tables cost
---         ~50 ns an element here, and a minute window holds 60 slots.
+--         (ms); the first and last slots are never empty. Binary, with its total, so
+--         that a hit costs O(1) in the usual case (no slot left the window, or one
+--         did): Lua loops over tables cost ~50 ns an element here, and a minute window
+--         holds 60 slots.
 -- KEYS[2] quotas hash   {<prefix>:<bucket>}:quota  field "<day|month>:<scope>" ->
---         "<YYYY-MM-DD|YYYY-MM>:<used>"; field "x" as above
+--         "<YYYY-MM-DD|YYYY-MM>:<used>"
+-- A hash lives until its counters' last slot (or period) ends: the expiry is moved
+-- only when a charge moves that time past what the stored counters already reached
+-- (their last slots, their periods), which the key's expiry covers. (Earlier versions
+-- kept that time in a field "x"; it is neither read nor written any more.)
 -- KEYS[3] leases zset   {<prefix>:<bucket>}:lease  lease id -> expiry (ms)
 -- One hash tag per bucket, so the script runs on Redis Cluster.
 --
@@ -123,21 +127,22 @@ local lquota, llimit = { unpack(v, i + 1, i + nl) }, { unpack(v, i + nl + 1, i +
 local cfield, qfield = { unpack(ARGV, 7, 6 + nc) }, { unpack(ARGV, 7 + nc, 6 + nc + nq) }
 
 -- read everything first: a WRONGTYPE key fails here, before anything is written
-local wx, qx = nil, nil
+-- what the stored counters reach (ms): the hashes' expiries cover it already
+local wreach, qreach = -math.huge, -math.huge
 -- A counter's slots are body[c] from byte skip[c] + 1 on: the string as stored, its
 -- header skipped, so that reading, expiring and charging a counter make one new string
 -- (its new value), not one per step (a string costs Redis's Lua ~4,000 instructions).
 local k0, body, skip, nslots, total = {}, {}, {}, {}, {}
 local kt = {} -- per counter: the slot t falls in (k: ((k-1)*width, k*width])
 if nc > 0 then
-  local raw = redis.call("HMGET", KEYS[1], "x", unpack(cfield))
-  wx = tonumber(raw[1])
+  local raw = redis.call("HMGET", KEYS[1], unpack(cfield))
   for c = 1, nc do
     k0[c], body[c], skip[c], nslots[c], total[c] = 0, "", 0, 0, 0
-    local stored = raw[c + 1]
+    local stored = raw[c]
     if stored and #stored > 24 then
       cwidth[c], k0[c], total[c] = struct.unpack("<ddd", stored)
       body[c], skip[c], nslots[c] = stored, 24, (#stored - 24) / 4
+      wreach = math.max(wreach, (k0[c] + nslots[c] - 1) * cwidth[c] + cspan[c])
     end
     kt[c] = ceil_div(t, cwidth[c])
   end
@@ -209,18 +214,18 @@ end
 
 local qpid, qused, qstart, qend, qstale = {}, {}, {}, {}, {}
 if nq > 0 then
-  local raw = redis.call("HMGET", KEYS[2], "x", unpack(qfield))
-  qx = tonumber(raw[1])
+  local raw = redis.call("HMGET", KEYS[2], unpack(qfield))
   local seconds = floor_div(wall_us, 1000000)
   for q = 1, nq do
     local pid, start, stop = period_at(qkind[q], seconds)
     local used = 0
-    local stored = raw[q + 1]
+    local stored = raw[q]
     if stored then
       local spid, sused = string.match(stored, "^(.+):(%d+)$")
       if spid and spid >= pid then -- the current period, or a later one (clock stepped back)
         used = tonumber(sused)
         if spid ~= pid then pid, start, stop = period_named(qkind[q], spid) end
+        qreach = math.max(qreach, stop * 1000 + QUOTA_MARGIN_MS)
       else
         qstale[q] = true -- a past period: dropped by any hit
       end
@@ -373,7 +378,7 @@ if charging then
   if reply then
     -- charge: windows count requests, quotas units, the lease takes a slot
     if nc > 0 then
-      local fields, x = {}, wx or 0
+      local fields, x = {}, 0
       for c = 1, nc do
         local width, n = cwidth[c], nslots[c]
         local k = kt[c]
@@ -394,21 +399,20 @@ if charging then
         fields[#fields + 1] = stored
         x = math.max(x, k * width + cspan[c])
       end
-      redis.call("HSET", KEYS[1], "x", x, unpack(fields))
-      -- The expiry is absolute (x): set once per change of x, which the longest
-      -- window moves once per slot (24 min for a day), not every hit.
-      if x ~= wx then redis.call("PEXPIRE", KEYS[1], math.max(1, x - t) + pad) end
+      redis.call("HSET", KEYS[1], unpack(fields))
+      -- Moved once per slot of the longest window (24 min for a day), not every hit.
+      if x > wreach then redis.call("PEXPIRE", KEYS[1], math.max(1, x - t) + pad) end
     end
     if nq > 0 and cost > 0 then
-      local fields, x = {}, qx or 0
+      local fields, x = {}, 0
       local wall_ms = floor(wall_us / 1000)
       for q = 1, nq do
         fields[#fields + 1] = qfield[q]
         fields[#fields + 1] = qpid[q] .. ":" .. (qused[q] + cost)
         x = math.max(x, qend[q] * 1000 + QUOTA_MARGIN_MS)
       end
-      redis.call("HSET", KEYS[2], "x", x, unpack(fields))
-      if x ~= qx then redis.call("PEXPIRE", KEYS[2], math.max(1, x - wall_ms) + pad) end
+      redis.call("HSET", KEYS[2], unpack(fields))
+      if x > qreach then redis.call("PEXPIRE", KEYS[2], math.max(1, x - wall_ms) + pad) end
     end
     if cap and lease and held == 0 and not releasing then
       -- Every other member has expired or is released now: the set becomes this
