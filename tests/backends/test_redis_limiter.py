@@ -724,9 +724,10 @@ def test_the_script_counts_a_lease_released_twice_once(own_redis: RedisServer) -
     assert store.hit(HitRequest("k", cap, lease="a")).allowed
     assert store.hit(HitRequest("k", cap, lease="b")).allowed
     plan = store._hit_plan(HitRequest("k", cap, lease="c"))
-    operands = [*store._call("hit", "k", plan, 1, "c", released=("a",)), "a"]
+    numkeys, *operands = [*store._call("hit", "k", plan, 1, "c", released=("a",)), "a"]
+    assert numkeys == 3
     client = redis.Redis.from_url(own_redis.url)
-    assert client.evalsha(_ADMIT.sha, *operands)[:3] == [1, -1, 0]
+    assert client.evalsha(_ADMIT.sha, 3, *operands)[:3] == [1, -1, 0]
     assert not store.hit(HitRequest("k", cap, lease="d")).allowed  # b and c hold
     client.close()
     store.close()
