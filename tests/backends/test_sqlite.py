@@ -354,3 +354,37 @@ def test_a_closed_store_raises_storage_error(sqlite_store: SQLiteKeyStore) -> No
     sqlite_store.close()
     with pytest.raises(StorageError, match="closed"):
         sqlite_store.get("key_nope")
+
+
+def test_closing_a_store_while_other_threads_read_it_never_crashes(db: Path) -> None:
+    """close() from one thread while four others list keys in a loop: each reader's
+    statement finishes before its connection is closed (closing one mid-statement
+    crashed the process), and every later call is a StorageError."""
+    store = SQLiteKeyStore(db)
+    manager = KeyManager(store)
+    for n in range(200):
+        manager.create(f"k{n}")
+    started, stop = threading.Barrier(5), threading.Event()
+    outcomes: list[str] = []
+
+    def reader() -> None:
+        started.wait()
+        while not stop.is_set():
+            try:
+                store.list(KeyQuery(limit=200))
+            except StorageError:
+                outcomes.append("closed")
+                return
+        outcomes.append("stopped")  # pragma: no cover - close() always comes first
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(reader)
+        started.wait()
+        time.sleep(0.05)
+        store.close()
+        deadline = time.monotonic() + 10
+        while len(outcomes) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+    assert outcomes == ["closed"] * 4

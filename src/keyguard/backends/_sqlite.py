@@ -54,13 +54,20 @@ def storage_errors(store: str, action: str) -> Iterator[None]:
 
 
 class _Slot:
-    """One thread's connection, closed when the thread (and so its local) goes away."""
+    """One thread's connection, closed when the thread (and so its local) goes away.
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    ``lock`` is held while the connection runs a statement: :meth:`Connections.close`,
+    called from another thread, takes it before closing, since closing a connection
+    in the middle of another thread's statement crashes the process (sqlite3 frees
+    what the statement is still using).
+    """
+
+    __slots__ = ("__weakref__", "conn", "lock", "pid")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        self.lock = threading.RLock()
 
     def __del__(self) -> None:
         self.conn.close()
@@ -120,18 +127,26 @@ class Connections:
                 raise
         return conn
 
-    def get(self) -> sqlite3.Connection:
+    def _slot(self) -> _Slot:
         """This thread's connection, opened on first use."""
         slot: _Slot | None = getattr(self._local, "slot", None)
         if slot is not None and slot.pid == os.getpid() and not self._closed:
-            return slot.conn
+            return slot
         with self._lock:  # so that close() cannot miss a connection being opened
             if self._closed:
                 raise StorageError(f"the SQLite {self.store} is closed")
             slot = _Slot(self.connect(self.uri))
             self._slots.add(slot)
         self._local.slot = slot
-        return slot.conn
+        return slot
+
+    @contextmanager
+    def use(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, for the statements run inside the block: a
+        :meth:`close` from another thread waits for them."""
+        slot = self._slot()
+        with slot.lock:
+            yield slot.conn
 
     @contextmanager
     def write(self, action: str) -> Iterator[sqlite3.Connection]:
@@ -140,7 +155,8 @@ class Connections:
         Taken after this process's other writers of the file (see the module), each
         wait bounded by ``busy_timeout``.
         """
-        conn = self.get()
+        slot = self._slot()
+        conn = slot.conn
         writer = self._writer
         if writer is None:  # pragma: no cover - every store sets its uri first
             raise StorageError(f"the SQLite {self.store} has no database")
@@ -149,7 +165,7 @@ class Connections:
         if not writer.acquire(timeout=self._timeout):
             raise StorageError(f"the SQLite {self.store} could not {action}: busy")
         try:
-            with storage_errors(self.store, action):
+            with slot.lock, storage_errors(self.store, action):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -162,13 +178,22 @@ class Connections:
             writer.release()
 
     def close(self) -> None:
-        """Close every thread's connection; later use raises :class:`StorageError`."""
+        """Close every thread's connection; later use raises :class:`StorageError`.
+
+        A connection in the middle of a statement is closed once the statement ends;
+        one still busy after ``busy_timeout`` is left to its thread (closed when the
+        thread goes away), never closed under it.
+        """
         with self._lock:
             self._closed = True
             slots, self._slots = list(self._slots), weakref.WeakSet()
         with storage_errors(self.store, "close the database"):
             for slot in slots:
-                slot.conn.close()
+                if slot.lock.acquire(timeout=self._timeout):
+                    try:
+                        slot.conn.close()
+                    finally:
+                        slot.lock.release()
 
 
 def file_path(url: str) -> str:

@@ -391,8 +391,7 @@ class SQLiteKeyStore:
     def _read(
         self, action: str, sql: str, params: Sequence[object] | dict[str, object]
     ) -> list[Any]:
-        conn = self._db.get()
-        with _storage_errors(action):
+        with self._db.use() as conn, _storage_errors(action):
             return conn.execute(sql, params).fetchall()
 
     # sync face

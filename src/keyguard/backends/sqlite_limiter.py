@@ -319,8 +319,7 @@ class SQLiteRateStore:
                 self._save(conn, adjustment.bucket, state, now, stored)
 
     def peek(self, bucket: str, policy: LimitPolicy) -> Sequence[LimitState]:
-        conn = self._db.get()
-        with _storage_errors("read a bucket"):
+        with self._db.use() as conn, _storage_errors("read a bucket"):
             state, _ = self._load(conn, bucket)
         if self._pending:  # slots given back but not yet written are free already
             with self._pending_lock:

@@ -217,8 +217,7 @@ class SQLiteUsageStore:
         return found
 
     def _select(self, sql: str, params: Sequence[object]) -> list[UsageRow]:
-        conn = self._db.get()
-        with _storage_errors("read usage"):
+        with self._db.use() as conn, _storage_errors("read usage"):
             found = conn.execute(sql, params).fetchall()
         return [
             UsageRow(Granularity(g), int(start), key_id, service, owner, _counts(counts))
@@ -228,8 +227,7 @@ class SQLiteUsageStore:
     def errors(self, key_id: str, limit: int = 100) -> Sequence[ErrorEntry]:
         if limit < 1:
             return []
-        conn = self._db.get()
-        with _storage_errors("read the error log"):
+        with self._db.use() as conn, _storage_errors("read the error log"):
             found = conn.execute(
                 "SELECT data FROM usage_errors WHERE key_id = ? ORDER BY seq DESC LIMIT ?",
                 (key_id, limit),
