@@ -149,3 +149,16 @@ def _make_event(key_id: str, action: str = "create", *, seconds: int = 0) -> Aud
 def make_event() -> Callable[..., AuditEvent]:
     """Builds an audit event for a key."""
     return _make_event
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    """A SQLite file for one test."""
+    return tmp_path / "keys.db"
+
+
+@pytest.fixture
+def sqlite_store(db: Path) -> Iterator[SQLiteKeyStore]:
+    store = SQLiteKeyStore(db)
+    yield store
+    store.close()

@@ -6,7 +6,7 @@ import multiprocessing
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import timedelta
@@ -24,18 +24,6 @@ from keyguard.testing import FakeClock
 
 MakeRecord = Callable[..., KeyRecord]
 MakeEvent = Callable[..., AuditEvent]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "keys.db"
-
-
-@pytest.fixture
-def sqlite_store(db: Path) -> Iterator[SQLiteKeyStore]:
-    store = SQLiteKeyStore(db)
-    yield store
-    store.close()
 
 
 def raw(db: Path) -> closing[sqlite3.Connection]:

@@ -7,7 +7,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -24,15 +23,9 @@ from keyguard.records import KeyRecord
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "keys.db"
-
-
-@pytest.fixture
-def store(db: Path) -> Iterator[SQLiteKeyStore]:
-    store = SQLiteKeyStore(db)
-    yield store
-    store.close()
+def store(sqlite_store: SQLiteKeyStore) -> SQLiteKeyStore:
+    """The contract suite's ``store`` is every backend; here, SQLite's key store."""
+    return sqlite_store
 
 
 def digest_of(issued: IssuedKey) -> str:
@@ -140,14 +133,19 @@ def test_a_change_through_this_store_is_seen_at_once(store: SQLiteKeyStore, chan
     expect_changed(store, issued, change)
 
 
+def revoke_in_a_thread(manager: KeyManager, issued: IssuedKey) -> None:
+    """Revoke through another thread, with a connection of its own; wait for it."""
+    writer = threading.Thread(target=manager.revoke, args=(issued.record.id,))
+    writer.start()
+    writer.join()
+
+
 def test_a_change_from_another_thread_is_seen_at_once(store: SQLiteKeyStore) -> None:
     """The same store, written from a thread with its own connection."""
     manager = KeyManager(store)
     issued = manager.create("k")
     cached(store, issued)
-    writer = threading.Thread(target=manager.revoke, args=(issued.record.id,))
-    writer.start()
-    writer.join()
+    revoke_in_a_thread(manager, issued)
     expect_changed(store, issued, "revoke")
 
 
@@ -205,9 +203,7 @@ def test_an_in_memory_store_caches_too() -> None:
     manager = KeyManager(store)
     issued = manager.create("k")
     cached(store, issued)
-    thread = threading.Thread(target=manager.revoke, args=(issued.record.id,))
-    thread.start()
-    thread.join()
+    revoke_in_a_thread(manager, issued)
     expect_changed(store, issued, "revoke")
     store.close()
 
