@@ -69,12 +69,15 @@ def open_redis_backend(url: str) -> KeyBackend:
 
     Its clock stands still at T0: the records here carry fixed dates (2027), and the
     store derives the TTL of a rotated-out digest from them, which must not depend on
-    the day the suite runs.
+    the day the suite runs. The contract is not about timeouts: a loaded CI machine
+    once took more than the default 50 ms to connect on loopback, so these wait longer.
     """
     from keyguard.backends.redis import RedisKeyStore  # only Redis rows need redis-py
 
     prefix = f"kgtest-{uuid.uuid4().hex[:12]}"
-    return RedisKeyStore.from_url(url, prefix=prefix, clock=FakeClock(T0))
+    return RedisKeyStore.from_url(
+        url, prefix=prefix, clock=FakeClock(T0), socket_connect_timeout=2, socket_timeout=2
+    )
 
 
 @pytest.fixture(
