@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import random
+import struct
 import subprocess
 import sys
 import threading
@@ -436,6 +437,40 @@ def test_a_hash_expiry_moves_only_when_its_counters_reach_further(
     windows, quotas = store._keys("k")[:2]
     assert admin.pttl(windows) > 3_600_000
     assert admin.pttl(quotas) > 3_600_000
+    admin.close()
+    store.close()
+
+
+def test_a_counter_stored_with_empty_end_slots_counts_as_its_slots_say(
+    own_redis: RedisServer,
+) -> None:
+    """This script never stores a counter whose first or last slot is empty; one stored
+    otherwise is counted as its slots say, and its empty ends go as its slots leave."""
+    clock = FakeClock(1_800_000_000.0)  # a whole number of slots
+    store = RedisRateStore.from_url(own_redis.url, prefix=prefix(), clock=clock)
+    admin = redis.Redis.from_url(own_redis.url)
+    policy = LimitPolicy(windows=(Window("minute", 10, 60),))
+    width, now = 1000.0, 1_800_000_000  # ms a slot (60 slots a minute); slot t falls in
+
+    def stored(bucket: str, first: int, slots: Sequence[int]) -> None:
+        key = store._keys(bucket)[0]
+        header = struct.pack("<ddd", width, first, sum(slots))
+        admin.hset(key, "b60:", header + struct.pack(f"<{len(slots)}I", *slots))
+
+    def slots_of(bucket: str) -> tuple[float, list[int]]:
+        value = admin.hget(store._keys(bucket)[0], "b60:")
+        assert isinstance(value, bytes)
+        _, first, total = struct.unpack("<ddd", value[:24])
+        slots = list(struct.unpack(f"<{(len(value) - 24) // 4}I", value[24:]))
+        assert total == sum(slots)
+        return first, slots
+
+    stored("ends", now - 2, [0, 3, 0])  # the last slot is the current one
+    assert store.hit(HitRequest("ends", policy)).states[0].remaining == 6
+    assert slots_of("ends") == (now - 2, [0, 3, 1])
+    stored("leaving", now - 60, [0, 3, 0])  # its first slot leaves the window now
+    assert store.hit(HitRequest("leaving", policy)).states[0].remaining == 6
+    assert slots_of("leaving") == (now - 59, [3, *[0] * 58, 1])
     admin.close()
     store.close()
 
