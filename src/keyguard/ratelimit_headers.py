@@ -73,24 +73,29 @@ def tightest(states: Sequence[LimitState]) -> LimitState:
 def limit_headers(states: Sequence[LimitState]) -> Headers:
     """Every limit-state header for a response; empty when no limit applies.
 
-    On every allowed response, so written for speed: one pass, no intermediate objects
-    but the policy's shape, which finds its cached ``RateLimit-Policy`` value (a tuple
-    of strings, ints and bools hashes in C; one holding the ``LimitKind`` enum would
-    call Python per state).
+    On every allowed response, so written for speed: one pass over the states collects
+    their numbers and the policy's shape, which finds the cached ``RateLimit-Policy``
+    value and a ``RateLimit`` template the numbers fill in one ``%`` (a tuple of
+    strings, ints and bools hashes in C; one holding the ``LimitKind`` enum would call
+    Python per state).
     """
     if not states:
         return []
-    parts = []
+    numbers: list[int] = []
     shape = []
     tight = None
     for name, kind, limit, left, reset_after, seconds in states:
         # remaining is an int from every built-in store; reset_after a float >= 0.
         remaining = left if 0 <= left <= SF_INTEGER_MAX else _int(left)
-        reset = _int(reset_after)
-        prefix = _ITEM_PREFIX.get(name)
-        if prefix is None:
-            prefix = _item_prefix(name)
-        parts.append(f"{prefix}{remaining};t={reset}")
+        reset = 0  # _int(reset_after), inline
+        if reset_after > 0:
+            reset = int(reset_after)
+            if reset < reset_after:
+                reset += 1
+            if reset > SF_INTEGER_MAX:  # noqa: PLR1730 - min() is a call, per state
+                reset = SF_INTEGER_MAX
+        numbers.append(remaining)
+        numbers.append(reset)
         capped = kind is _CONCURRENCY
         shape.append((name, capped, limit, seconds))
         if not capped and (
@@ -98,42 +103,38 @@ def limit_headers(states: Sequence[LimitState]) -> Headers:
         ):
             tight = (limit, remaining, reset)
     key = tuple(shape)
-    policy = _POLICY_VALUES.get(key)
-    if policy is None:
-        policy = _policy_value_of(key, states)
+    forms = _FORMS.get(key)
+    if forms is None:
+        forms = _forms_of(key, states)
     if tight is None:  # only a concurrency cap applies
         only = states[0]
         tight = (only.limit, _int(only.remaining), _int(only.reset_after))
     return [
-        (b"ratelimit-policy", policy),
-        (b"ratelimit", ",".join(parts).encode("ascii")),
+        (b"ratelimit-policy", forms[0]),
+        (b"ratelimit", forms[1] % tuple(numbers)),
         (b"x-ratelimit-limit", b"%d" % _int(tight[0])),
         (b"x-ratelimit-remaining", b"%d" % tight[1]),
         (b"x-ratelimit-reset", b"%d" % tight[2]),
     ]
 
 
-# Plain dicts, bounded by clearing: on the hot path a dict lookup is cheaper than an
-# lru_cache call, and names and policies come from configuration (a few of each).
-_ITEM_PREFIX: dict[str, str] = {}
-_POLICY_VALUES: dict[tuple[tuple[str, bool, int, int | None], ...], bytes] = {}
+# A plain dict, bounded by clearing: on the hot path a dict lookup is cheaper than an
+# lru_cache call, and policies come from configuration (a few of them).
+_FORMS: dict[tuple[tuple[str, bool, int, int | None], ...], tuple[bytes, bytes]] = {}
 _CACHE_MAX = 1024
 
 
-def _item_prefix(name: str) -> str:
-    if len(_ITEM_PREFIX) >= _CACHE_MAX:
-        _ITEM_PREFIX.clear()
-    prefix = _ITEM_PREFIX[name] = f'"{_safe_name(name)}";r='
-    return prefix
-
-
-def _policy_value_of(
+def _forms_of(
     key: tuple[tuple[str, bool, int, int | None], ...], states: Sequence[LimitState]
-) -> bytes:
-    if len(_POLICY_VALUES) >= _CACHE_MAX:
-        _POLICY_VALUES.clear()
-    value = _POLICY_VALUES[key] = policy_header(states)
-    return value
+) -> tuple[bytes, bytes]:
+    """A policy's ``RateLimit-Policy`` value, and its ``RateLimit`` value with a
+    ``%d`` for each number (a name's own ``%`` doubled: names may hold one)."""
+    if len(_FORMS) >= _CACHE_MAX:
+        _FORMS.clear()
+    items = ('"' + _safe_name(s.name).replace("%", "%%") + '";r=%d;t=%d' for s in states)
+    template = ",".join(items).encode("ascii")
+    forms = _FORMS[key] = (policy_header(states), template)
+    return forms
 
 
 _CONCURRENCY = LimitKind.CONCURRENCY

@@ -124,6 +124,14 @@ def test_t99_limit_headers_are_always_legal(items: list[tuple[str, int, float]])
         assert 0 <= item.params["r"] <= SF_INTEGER_MAX
 
 
+def test_a_limit_name_with_percent_signs_is_sent_as_written() -> None:
+    """The RateLimit value is a cached template the numbers fill in: a name's own
+    ``%`` is text, never a hole."""
+    headers = dict(limit_headers([state("100%d of %s", 10, 3, 1.5)]))
+    assert headers[b"ratelimit"] == b'"100%d of %s";r=3;t=2'
+    assert headers[b"ratelimit-policy"] == b'"100%d of %s";q=10;w=60'
+
+
 def test_tightest_prefers_rate_windows_over_concurrency() -> None:
     """X-RateLimit-* describes a rate window unless only concurrency applies."""
     conc = state("concurrency", 5, 1, 0, kind=LimitKind.CONCURRENCY, window=None)
