@@ -106,6 +106,7 @@ _EVAL = bulk(b"EVAL") + bulk(_ADMIT.source.encode())
 _HIT, _PEEK = bulk(b"hit"), bulk(b"peek")
 _SERVER_TIME = bulk(b"") * 2  # t_ms and wall_us: "" -> the script reads TIME
 _NO_LEASE = bulk(b"")
+_COSTS = tuple(bulk(b"%d" % cost) for cost in range(64))  # a hit's usual costs, encoded
 DEFAULT_RELEASE_DELAY = 0.01  # seconds an async release may wait to ride on another call
 _MAX_RELEASED = 256  # releases of one bucket carried by one call, at most
 _logger = logging.getLogger("keyguard")
@@ -379,13 +380,22 @@ class RedisRateStore:
         else:
             now = self._clock.now()
             times = bulk(b"%d" % round(now * 1000)) + bulk(b"%d" % round(now * 1_000_000))
-        mark = _NO_LEASE if lease is None else bulk(b"=" + lease.encode())
-        cost_b = bulk(b"%d" % cost)
-        body = b"".join((keys, mode, times, cost_b, mark, plan.packed))
+        if lease is None:
+            mark = _NO_LEASE
+        else:
+            lease_b = lease.encode()
+            mark = b"$%d\r\n=%b\r\n" % (len(lease_b) + 1, lease_b)
+        cost_b = _COSTS[cost] if 0 <= cost < len(_COSTS) else bulk(b"%d" % cost)
         if not released:
-            return plan.items, body
+            return plan.items, b"".join((keys, mode, times, cost_b, mark, plan.packed))
+        if len(released) == 1:  # the usual case: the bucket's last request gave its slot back
+            tail = bulk(released[0].encode())
+            return plan.items + 1, b"".join((keys, mode, times, cost_b, mark, plan.packed, tail))
         leases = dict.fromkeys(released)  # each once, as _call
-        return plan.items + len(leases), body + b"".join(bulk(x.encode()) for x in leases)
+        tail = b"".join([bulk(x.encode()) for x in leases])
+        return plan.items + len(leases), b"".join(
+            (keys, mode, times, cost_b, mark, plan.packed, tail)
+        )
 
     @staticmethod
     def _admission(plan: _Plan, reply: Sequence[int]) -> Admission:
