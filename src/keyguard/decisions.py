@@ -7,10 +7,11 @@ result types without the decision machinery.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from ._slots import slot_setters
 from ._state import period_at
 from .denials import Denial
 from .limiting import Adjustment, LimitKind, LimitPolicy, LimitState, QuotaCharge
@@ -144,13 +145,8 @@ class Identity:
     charge: Charge | None = field(default=None, repr=False, compare=False)
 
 
-def _slot_setter(name: str) -> Callable[[Identity, object], None]:
-    setter: Callable[[Identity, object], None] = vars(Identity)[name].__set__
-    return setter
-
-
 _KEY_ID, _NAME, _OWNER, _SCOPES, _PLAN, _LIMITS, _CLIENT_IP, _METHOD, _SERVICE, _UNITS, _CHARGE = (
-    _slot_setter(f.name) for f in fields(Identity)
+    slot_setters(Identity)
 )
 
 
@@ -207,3 +203,14 @@ class Allow:
 
 
 Decision: TypeAlias = Allow | Denial
+_IDENTITY, _HEADERS, _LEASE, _COST = slot_setters(Allow)
+
+
+def allow_of(identity: Identity | None, headers: Headers, lease: Lease | None, cost: int) -> Allow:
+    """``Allow(...)`` for the guard, once per allowed request (see :mod:`._slots`)."""
+    allow = object.__new__(Allow)
+    _IDENTITY(allow, identity)
+    _HEADERS(allow, headers)
+    _LEASE(allow, lease)
+    _COST(allow, cost)
+    return allow

@@ -37,7 +37,7 @@ from .backends.protocols import KeyBackend
 from .clock import Clock, SystemClock, utcnow
 from .codec import isoformat
 from .credentials import Credential, CredentialConfig, MalformedCredential, extract_credential
-from .decisions import Allow, Charge, Decision, Headers, Identity, Lease, identity_of
+from .decisions import Allow, Charge, Decision, Headers, Identity, Lease, allow_of, identity_of
 from .denials import Denial, deny
 from .errors import ConfigurationError, InvalidCredential, StorageError
 from .flows import Op, run_async, run_hybrid, run_sync
@@ -50,6 +50,7 @@ from .limiting import (
     LimitState,
     RateBackend,
     Window,
+    hit_request,
 )
 from .oauth.claims import InvalidToken, TokenClaims, TokenUnavailable, TokenValidator, scope_covers
 from .plans import DEFAULT_PLANS, Plan, ServiceLimits, resolve_policy
@@ -487,14 +488,14 @@ class Guard(UsageReports, Settlements):
                 else None
             )
             try:
-                admission = yield Hit(HitRequest(record.id, policy, units, lease_id))
+                admission = yield Hit(hit_request(record.id, policy, units, lease_id))
             except StorageError:
                 if self.on_limiter_error == "deny":
                     return deny("limiter_unavailable", retry_after=RETRY_WHEN_DOWN)
                 if seen is not None:
                     seen.fault = "limits"
                 unlimited = self._identity(record, method, (), needed, ip, units=units)
-                return Allow(unlimited, extra, None, units)
+                return allow_of(unlimited, extra, None, units)
             if not admission.allowed:
                 if seen is not None:
                     seen.limits = admission.states
@@ -505,7 +506,7 @@ class Guard(UsageReports, Settlements):
                 charge = Charge(record.id, policy, states, units, self.clock.now())
         headers = tuple(limit_headers(states)) + extra
         identity = self._identity(record, method, states, needed, ip, units=units, charge=charge)
-        return Allow(identity, headers, lease, units)
+        return allow_of(identity, headers, lease, units)
 
     # small pure helpers
 

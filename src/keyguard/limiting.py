@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from ._slots import slot_setters
+
 __all__ = [
     "Adjustment",
     "Admission",
@@ -95,6 +97,19 @@ class HitRequest:
     policy: LimitPolicy
     cost: int = 1
     lease: str | None = None
+
+
+_BUCKET, _POLICY, _COST, _LEASE = slot_setters(HitRequest)
+
+
+def hit_request(bucket: str, policy: LimitPolicy, cost: int, lease: str | None) -> HitRequest:
+    """``HitRequest(...)`` for the guard, once per admission (see :mod:`._slots`)."""
+    request = object.__new__(HitRequest)
+    _BUCKET(request, bucket)
+    _POLICY(request, policy)
+    _COST(request, cost)
+    _LEASE(request, lease)
+    return request
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["RequestInfo"]
+from ._slots import slot_setters
+
+__all__ = ["RequestInfo", "request_info"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +37,26 @@ class RequestInfo:
     def header_values(self, name: bytes) -> list[bytes]:
         """Every value of header ``name`` (lower-case), in order."""
         return [value for key, value in self.headers if key == name]
+
+
+_METHOD, _PATH, _HEADERS, _QUERY_STRING, _PEER, _ROUTE_ID = slot_setters(RequestInfo)
+
+
+def request_info(
+    *,
+    method: str,
+    path: str,
+    headers: tuple[tuple[bytes, bytes], ...],
+    query_string: bytes,
+    peer: str | None,
+    route_id: str | None,
+) -> RequestInfo:
+    """``RequestInfo(...)`` for the adapters, once per request (see :mod:`._slots`)."""
+    request = object.__new__(RequestInfo)
+    _METHOD(request, method)
+    _PATH(request, path)
+    _HEADERS(request, headers)
+    _QUERY_STRING(request, query_string)
+    _PEER(request, peer)
+    _ROUTE_ID(request, route_id)
+    return request

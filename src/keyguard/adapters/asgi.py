@@ -19,7 +19,7 @@ from typing import Any
 from ..credentials import strip_credentials
 from ..denials import Denial, render
 from ..guard import Allow, Guard, Identity
-from ..request import RequestInfo
+from ..request import RequestInfo, request_info
 from ._common import vary_headers
 
 __all__ = ["KeyGuardMiddleware", "current_identity", "request_from_scope", "route_path"]
@@ -37,7 +37,7 @@ def request_from_scope(scope: Scope) -> RequestInfo:
     """The framework-free view of an ASGI HTTP scope."""
     client = scope.get("client")
     route = scope.get("route")
-    return RequestInfo(
+    return request_info(
         method=scope["method"],
         path=route_path(scope),
         headers=tuple(scope.get("headers", ())),

@@ -15,7 +15,7 @@ from typing import Any
 from ..credentials import strip_credentials
 from ..denials import Denial, render
 from ..guard import Allow, Guard, Identity, Lease
-from ..request import RequestInfo
+from ..request import RequestInfo, request_info
 from ._common import vary_headers
 
 __all__ = [
@@ -68,12 +68,13 @@ def request_from_environ(
             if value is not None:
                 headers.append((name, _latin1(value)))
     path = environ.get("PATH_INFO", "/") or "/"
-    return RequestInfo(
+    return request_info(
         method=environ.get("REQUEST_METHOD", "GET").upper(),
         path=path if path.isascii() else _latin1(path).decode("utf-8", "replace"),
         headers=tuple(headers),
         query_string=_latin1(environ.get("QUERY_STRING", "")),
         peer=environ.get("REMOTE_ADDR") or None,
+        route_id=None,
     )
 
 
