@@ -106,13 +106,20 @@ class IPNetworkSet:
 
     networks: tuple[IPNetwork, ...]
     _hosts: frozenset[IPAddress] = field(init=False, repr=False, compare=False)
-    _ranges: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+    # Each real network as (version, netmask, network address) integers: an address is
+    # in it when its version matches and its integer masked is the network's (what
+    # ``ip in network`` computes, through several Python calls).
+    _ranges: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         hosts = frozenset(
             n.network_address for n in self.networks if n.prefixlen == n.max_prefixlen
         )
-        ranges = tuple(n for n in self.networks if n.prefixlen != n.max_prefixlen)
+        ranges = tuple(
+            (n.version, int(n.netmask), int(n.network_address))
+            for n in self.networks
+            if n.prefixlen != n.max_prefixlen
+        )
         object.__setattr__(self, "_hosts", hosts)
         object.__setattr__(self, "_ranges", ranges)
 
@@ -124,14 +131,18 @@ class IPNetworkSet:
         return _compile(tuple(cidrs))
 
     def __contains__(self, ip: object) -> bool:
-        if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if isinstance(ip, ipaddress.IPv4Address):
+            version = 4
+        elif isinstance(ip, ipaddress.IPv6Address):
+            ip = normalise_ip(ip)
+            version = ip.version
+        else:
             return False
-        ip = normalise_ip(ip)
-        if ip in self._hosts:
+        if self._hosts and ip in self._hosts:
             return True
-        # ``in`` across versions is False, never an error, so no version split needed.
-        for network in self._ranges:  # noqa: SIM110 - a plain loop is faster on the hot path
-            if ip in network:
+        value = int(ip)
+        for family, mask, network in self._ranges:
+            if family == version and value & mask == network:
                 return True
         return False
 
