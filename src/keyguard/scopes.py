@@ -174,7 +174,7 @@ class RouteMap:
     no nested repetition; SECURITY.md T90).
     """
 
-    __slots__ = ("_default", "_fallback", "_tables", "default_scope", "public", "rules")
+    __slots__ = ("_default", "_fallback", "_seen", "_tables", "default_scope", "public", "rules")
 
     def __init__(
         self,
@@ -201,6 +201,10 @@ class RouteMap:
         self._tables = {m: _table(entries, m) for m in methods}
         self._fallback = _table(entries, None)
         self._default = RouteMatch(False, default_scope, None)
+        # What (method, path) pairs matched, for the few an API serves most: the match
+        # is a pure function of the pair. Bounded by clearing, and short paths only, so
+        # that requests with ever new paths cost memory no more than time.
+        self._seen: dict[tuple[str, str], RouteMatch | None] = {}
 
     def __repr__(self) -> str:
         return (
@@ -216,6 +220,18 @@ class RouteMap:
         things (``/x/`` when ``/x`` and ``/x/*`` disagree: Starlette sends ``/x/``
         into a ``/x`` mount, Flask may serve it with the ``/x`` view).
         """
+        key = (method, path)
+        found = self._seen.get(key, _UNSEEN)
+        if found is not _UNSEEN:
+            return found
+        found = self._match(method, path)
+        if len(path) <= _SEEN_PATH_MAX:
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
+            self._seen[key] = found
+        return found
+
+    def _match(self, method: str, path: str) -> RouteMatch | None:
         norm = normalise_path(path)
         if norm is None:
             return None
@@ -230,6 +246,11 @@ class RouteMap:
             if other is not None and _needs(other) != _needs(entry):
                 return None
         return entry.result
+
+
+_UNSEEN = RouteMatch(False, None, "(not matched yet)")  # a marker, never an answer
+_SEEN_MAX = 4096  # (method, path) pairs remembered
+_SEEN_PATH_MAX = 256  # characters of a path worth remembering
 
 
 def _needs(entry: _Entry) -> tuple[bool, str | None]:

@@ -330,3 +330,21 @@ def test_methods_match_whatever_their_case(method: str) -> None:
     match = routes.match(method, "/admin")
     assert match is not None
     assert match.scope == "admin:read"
+
+
+def test_route_matches_are_remembered_within_bounds() -> None:
+    """A pair seen before gets the same answer from memory; the memory stays bounded
+    however many paths arrive, and long paths are never kept."""
+    routes = RouteMap([RouteRule("GET", "/v1/items/{id}", "items:read")], public=["/healthz"])
+    first = routes.match("GET", "/v1/items/1")
+    assert first is not None
+    assert first.scope == "items:read"
+    assert routes.match("GET", "/v1/items/1") is first
+    assert routes.match("GET", "//v1/items/1") is None  # refusals are remembered too
+    assert routes.match("GET", "//v1/items/1") is None
+    for n in range(5000):
+        assert routes.match("GET", f"/v1/items/{n}") == first
+    assert len(routes._seen) <= 4096
+    long_path = "/v1/items/" + "x" * 300
+    assert routes.match("GET", long_path) == first
+    assert ("GET", long_path) not in routes._seen
