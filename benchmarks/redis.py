@@ -246,13 +246,15 @@ def issue_key(store: KeyBackend, index: int, *, cap: bool = True) -> str:
     return raw.reveal()
 
 
-def redis_guard(url: str) -> Guard:
-    """The full policy's guard on Redis, default store options (``cache_ttl`` 5 s).
+def redis_guard(url: str, *, cache_ttl: float | None = None) -> Guard:
+    """The full policy's guard on Redis, default store options (``cache_ttl`` 5 s
+    unless given).
 
     The keys' plan, ``bench``, is a known plan with no limits of its own, so a key's
     overrides are its whole policy (an unknown plan may fall back to a default one)."""
+    options = {} if cache_ttl is None else {"cache_ttl": cache_ttl}
     return Guard(
-        keys=RedisKeyStore.from_url(url, prefix=KEY_PREFIX),
+        keys=RedisKeyStore.from_url(url, prefix=KEY_PREFIX, **options),
         limiter=RedisRateStore.from_url(url, prefix=RATE_PREFIX),
         routes=_routes(),
         plans={**DEFAULT_PLANS, "bench": Plan("bench")},
