@@ -3,20 +3,27 @@
 ``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--json] [--only SQLite]``
 
 Configurations, each a fresh uvicorn process (one worker) serving the same GET
-route (and a streaming one): the bare route, then keyguard in front of it
-(``KeyGuardMiddleware`` with a route rule, a key with limits far above what the run
-reaches) on the memory store, on SQLite (the embedded default: keys, quotas and usage
-in the file, windows in the process), and on Redis (a ``redis-server`` started on a
-free port; skipped when there is none). The load generator is ``wrk`` (Debian
-package ``wrk``) when installed, else a bounded asyncio httpx generator, which is
-slower and measures itself as much as the server: its figures only compare with
-each other.
+route (and a streaming one): the bare route; two floors (:mod:`benchmarks._floor`:
+the limit headers alone, then a sketch of a limiter that counts three windows and
+sends them), what no limiter sending these headers from Python goes below; then
+keyguard in front of it (``KeyGuardMiddleware`` with a route rule, a key with limits
+far above what the run reaches) on the memory store, on SQLite (the embedded default:
+keys, quotas and usage in the file, windows in the process), and on Redis (a
+``redis-server`` started on a free port; skipped when there is none). The load
+generator is ``wrk`` (Debian package ``wrk``) when installed, else a bounded asyncio
+httpx generator, which is slower and measures itself as much as the server: its
+figures only compare with each other.
 
 The issue's target: keyguard on the embedded default keeps at least 85 % of the
 bare route's requests/s, with p99 under 2x the bare p99. After the load, each
 configuration's time to first chunk of a streamed response (server-sent events, as
 chat completions stream) is measured over sequential requests with no other load:
 the issue asks it to be unchanged, within noise, behind keyguard.
+
+``--instructions`` counts instead of timing: each configuration's server runs under
+callgrind (``valgrind``) while wrk loads it, and the event loop thread's instructions
+per request are printed; steady to a percent where requests/s move 10-20 % with the
+machine's other work.
 """
 
 from __future__ import annotations
@@ -46,11 +53,14 @@ from keyguard import KeyGuardSettings, LimitOverrides, build_guard
 from keyguard.adapters.asgi import KeyGuardMiddleware
 from keyguard.scopes import RouteRule
 
+from ._floor import HeadersOnly, Sketch
+
 ROUTE = "/v1/ping"
 STREAM = "/v1/stream"
 STREAM_REQUESTS = 300
 SCOPE = "bench:ping"
 KEY_FILE_VAR = "KEYGUARD_BENCH_KEY_FILE"
+STORAGE_VAR = "KEYGUARD_STORAGE_URL"
 UNLIMITED = LimitOverrides(
     rate="1000000000/minute;1000000000/hour;1000000000/day", concurrency=100_000
 )
@@ -77,6 +87,20 @@ def _route(app: FastAPI) -> FastAPI:
 def bare_app() -> FastAPI:
     """The route alone (``uvicorn --factory benchmarks.server_load:bare_app``)."""
     return _route(FastAPI())
+
+
+def headers_app() -> FastAPI:
+    """The route behind fixed limit headers alone (see :mod:`benchmarks._floor`)."""
+    app = _route(FastAPI())
+    app.add_middleware(HeadersOnly)
+    return app
+
+
+def sketch_app() -> FastAPI:
+    """The route behind a sketch of a limiter (see :mod:`benchmarks._floor`)."""
+    app = _route(FastAPI())
+    app.add_middleware(Sketch)
+    return app
 
 
 def guarded_app() -> FastAPI:
@@ -126,21 +150,25 @@ def _wait(url: str, proc: subprocess.Popen[bytes], deadline: float = 20.0) -> No
 
 
 @contextmanager
-def _server(factory: str, env: dict[str, str]) -> Iterator[str]:
+def _server(
+    factory: str, env: dict[str, str], wrapper: tuple[str, ...] = (), start: float = 20.0
+) -> Iterator[tuple[str, int]]:
+    """A uvicorn process serving ``factory`` (under ``wrapper``, e.g. valgrind): its
+    base URL and process id."""
     port = _free_port()
     command = [
-        sys.executable, "-m", "uvicorn", "--factory", factory,
+        *wrapper, sys.executable, "-m", "uvicorn", "--factory", factory,
         "--host", "127.0.0.1", "--port", str(port),
         "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(command, env={**os.environ, **env})
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait(base + "/healthz", proc)
-        yield base
+        _wait(base + "/healthz", proc, start)
+        yield base, proc.pid
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
 
 
 @contextmanager
@@ -240,48 +268,111 @@ def _load(
     return asyncio.run(_httpx_load(url, key, seconds, connections)), "httpx"
 
 
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    factory: str
+    storage: dict[str, str]
+    keyed: bool  # the load sends the key header
+
+
+def _configs(tmp: str, redis_url: str | None, only: tuple[str, ...]) -> list[Config]:
+    """The bare route first, then the floors and keyguard on each store (or those
+    whose name contains one of ``only``)."""
+    module, sqlite = "benchmarks.server_load:", f"sqlite:///{tmp}/kg.db"
+    configs = [
+        Config("bare route", module + "bare_app", {}, False),
+        Config("floor: headers only", module + "headers_app", {}, True),
+        Config("floor: sketch", module + "sketch_app", {}, True),
+        Config("keyguard, memory", module + "guarded_app", {STORAGE_VAR: "memory://"}, True),
+        Config("keyguard, SQLite", module + "guarded_app", {STORAGE_VAR: sqlite}, True),
+    ]
+    if redis_url is not None:
+        configs.append(
+            Config("keyguard, Redis", module + "guarded_app", {STORAGE_VAR: redis_url}, True)
+        )
+    return [c for c in configs if c is configs[0] or not only or any(o in c.name for o in only)]
+
+
+def _key(config: Config, key_file: Path) -> str | None:
+    if not config.keyed:
+        return None
+    return key_file.read_text() if "guarded" in config.factory else "kg_floor_" + "x" * 37
+
+
 def run(seconds: int, connections: int, only: tuple[str, ...] = ()) -> list[Figures]:
-    """Every configuration (or those whose name contains one of ``only``, and the
-    bare route), one after the other."""
+    """Every configuration of :func:`_configs`, one after the other."""
     results = []
     with tempfile.TemporaryDirectory() as tmp, _redis() as redis_url:
         key_file = Path(tmp) / "key"
-        configs: list[tuple[str, str, dict[str, str]]] = [
-            ("bare route", "benchmarks.server_load:bare_app", {}),
-            (
-                "keyguard, memory",
-                "benchmarks.server_load:guarded_app",
-                {"KEYGUARD_STORAGE_URL": "memory://"},
-            ),
-            (
-                "keyguard, SQLite",
-                "benchmarks.server_load:guarded_app",
-                {"KEYGUARD_STORAGE_URL": f"sqlite:///{tmp}/kg.db"},
-            ),
-        ]
-        if redis_url is not None:
-            configs.append(
-                (
-                    "keyguard, Redis",
-                    "benchmarks.server_load:guarded_app",
-                    {"KEYGUARD_STORAGE_URL": redis_url},
-                )
-            )
-        for name, factory, storage in configs:
-            if only and name != "bare route" and not any(o in name for o in only):
-                continue
-            with _server(factory, {**storage, KEY_FILE_VAR: str(key_file)}) as base:
-                key = key_file.read_text() if "guarded" in factory else None
+        for config in _configs(tmp, redis_url, only):
+            env = {**config.storage, KEY_FILE_VAR: str(key_file)}
+            with _server(config.factory, env) as (base, _):
+                key = _key(config, key_file)
                 _load(base + ROUTE, key, 1, connections)  # warm-up
                 (rps, p50, p99, errors), tool = _load(base + ROUTE, key, seconds, connections)
                 first50, first99 = _first_chunks(base + STREAM, key, STREAM_REQUESTS)
             results.append(
                 Figures(
-                    name, round(rps, 1), round(p50, 3), round(p99, 3), errors, tool,
+                    config.name, round(rps, 1), round(p50, 3), round(p99, 3), errors, tool,
                     round(first50, 3), round(first99, 3),
                 )
             )  # fmt: skip
     return results
+
+
+def _event_loop_instructions(out: Path) -> int:
+    """The instructions callgrind counted on the main thread (the event loop's) in its
+    last dump, the one taken after the load."""
+    dumps = sorted(out.parent.glob(out.name + ".*-01"), key=lambda p: p.stat().st_mtime)
+    for line in dumps[-1].read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"callgrind wrote no totals in {dumps[-1]}")
+
+
+def count(seconds: int, connections: int, only: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+    """Instructions per request of each configuration's event-loop thread, counted by
+    callgrind under ``wrk`` for ``seconds`` (valgrind runs the server ~50x slower).
+
+    Only the event loop's thread is counted: it does every request's work, while the
+    other threads (the usage flusher, SQLite's writers) work per second, not per
+    request, and would count ~50x too often under valgrind's slowdown. Redis is left
+    out: its timeouts are set for real time, and valgrind's pace trips them.
+    """
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "key"
+        for n, config in enumerate(_configs(tmp, None, only)):
+            out = Path(tmp) / f"callgrind-{n}.out"
+            valgrind = (
+                "valgrind", "-q", "--tool=callgrind", "--separate-threads=yes",
+                f"--callgrind-out-file={out}",
+            )  # fmt: skip
+            env = {**config.storage, KEY_FILE_VAR: str(key_file)}
+            with _server(config.factory, env, valgrind, start=300) as (base, pid):
+                key = _key(config, key_file)
+                _wrk(base + ROUTE, key, 3, connections)  # warm-up
+                _callgrind("-z", pid)
+                requests = _wrk_count(base + ROUTE, key, seconds, connections)
+                _callgrind("-d", pid)
+                time.sleep(1)
+            results.append((config.name, _event_loop_instructions(out) / requests))
+    return results
+
+
+def _callgrind(command: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", command, str(pid)], capture_output=True, check=True)
+
+
+def _wrk_count(url: str, key: str | None, seconds: int, connections: int) -> int:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", url]
+    if key is not None:
+        command[1:1] = ["-H", f"X-API-Key: {key}"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"the counted load had failures:\n{out}")
+    return int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,9 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
-        "--only", action="append", default=[], help="memory, SQLite or Redis (repeatable)"
+        "--only",
+        action="append",
+        default=[],
+        help="floor, memory, SQLite or Redis (repeatable; the bare route always runs)",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the event loop's instructions per request under callgrind instead",
     )
     args = parser.parse_args(argv)
+    if args.instructions:
+        return _print_counts(args.seconds, min(args.connections, 8), tuple(args.only))
     results = run(args.seconds, args.connections, tuple(args.only))
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
@@ -310,6 +411,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"load generator: {bare.tool}, {args.connections} connections, {args.seconds} s each")
     print(f"1st: time to the first chunk of a streamed response, ms ({STREAM_REQUESTS} in a row)")
+    return 0
+
+
+def _print_counts(seconds: int, connections: int, only: tuple[str, ...]) -> int:
+    missing = [t for t in ("valgrind", "callgrind_control", "wrk") if not shutil.which(t)]
+    if missing:
+        print(f"not found: {', '.join(missing)} (Debian: apt-get install valgrind wrk)")
+        return 2
+    counts = count(seconds, connections, only)
+    bare = counts[0][1]
+    print(f"{'configuration':<20} {'instructions':>13} {'over bare':>10} {'bare / this':>12}")
+    for name, each in counts:
+        print(f"{name:<20} {each:>13,.0f} {each - bare:>10,.0f} {bare / each:>12.0%}")
+    print(f"per request, the event loop's thread, wrk with {connections} connections, {seconds} s")
     return 0
 
 
