@@ -2,7 +2,9 @@
 
 Readiness makes one real call to the key store and one to the limiter, each with a
 deadline, so a load balancer stops sending traffic to a server whose Redis or
-SQLite file is gone (503), instead of to one that would refuse every request.
+SQLite file is gone (503), instead of to one that would refuse every request. The
+limiter's probe reads a window and a quota: on the embedded default windows count in
+memory and quotas in the file, and the file is the one that can fail.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from keyguard import Guard, StorageError
-from keyguard.limiting import LimitPolicy, Window
+from keyguard.limiting import LimitPolicy, Quota, QuotaPeriod, Window
 from keyguard.records import KeyQuery
 
 __all__ = ["router"]
 
 _DEADLINE = 2.0
-_PROBE = LimitPolicy(windows=(Window("readyz", 1, 1),))
+_PROBE = LimitPolicy(
+    windows=(Window("readyz", 1, 1),), quotas=(Quota("readyz", 1, QuotaPeriod.DAY),)
+)
 Check = Literal["ok", "down"]
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from reference_app.config import ServerSettings
 
-from keyguard import KeyGuardSettings
+from keyguard import KeyGuardSettings, StorageError
+from keyguard.backends.local_limiter import LocalWindowsRateStore
 
 from .conftest import MakeServer, Server
 
@@ -144,3 +147,22 @@ def test_readyz_is_503_when_the_key_store_is_down(
     answer = server.call("GET", "/readyz")
     assert answer.status_code == 503
     assert answer.json()["checks"]["keys"] == "down"
+
+
+def test_readyz_asks_the_quota_file_on_the_embedded_default(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    """On the embedded default, windows count in memory and quotas in the file: a
+    file that no longer answers makes readiness 503, though memory still does."""
+    server = make_server(KeyGuardSettings(storage_url=f"sqlite:///{tmp_path}/kg.db"))
+    assert server.call("GET", "/readyz").json()["checks"] == {"keys": "ok", "limits": "ok"}
+    limiter = server.client.app.state.guard.backends.limiter  # type: ignore[attr-defined]
+    assert isinstance(limiter, LocalWindowsRateStore)
+
+    async def down(*_: object, **__: object) -> object:
+        raise StorageError("down")
+
+    limiter.quotas.apeek = down
+    answer = server.call("GET", "/readyz")
+    assert answer.status_code == 503
+    assert answer.json()["checks"] == {"keys": "ok", "limits": "down"}
