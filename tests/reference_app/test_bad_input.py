@@ -150,7 +150,7 @@ def test_readyz_is_503_when_the_key_store_is_down(
 
 
 def test_readyz_asks_the_quota_file_on_the_embedded_default(
-    make_server: MakeServer, tmp_path: Path
+    make_server: MakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the embedded default, windows count in memory and quotas in the file: a
     file that no longer answers makes readiness 503, though memory still does."""
@@ -162,7 +162,7 @@ def test_readyz_asks_the_quota_file_on_the_embedded_default(
     async def down(*_: object, **__: object) -> object:
         raise StorageError("down")
 
-    limiter.quotas.apeek = down
+    monkeypatch.setattr(limiter.quotas, "apeek", down)
     answer = server.call("GET", "/readyz")
     assert answer.status_code == 503
     assert answer.json()["checks"] == {"keys": "ok", "limits": "down"}
