@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -134,6 +136,52 @@ def test_revocation_is_seen_at_once_through_another_store_on_the_file(db: Path) 
         KeyManager(first, clock=clock).revoke(issued.record.id)
         with pytest.raises(InvalidCredential):
             reader.authenticate(issued.key)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_gets_a_cache_of_its_own(db: Path) -> None:
+    """A child forked while another thread held the record cache's lock, with the
+    parent's cache connection open, still looks keys up and sees a revocation made
+    after the fork: the cache starts again in the child (``os.register_at_fork``)."""
+    with closing(SQLiteKeyStore(db)) as store:
+        manager = KeyManager(store)
+        issued = manager.create("forked")
+        digest = KeyHasher().digest(issued.key)
+        assert store.find_cached(digest) is None
+        assert store.find(digest) is not None
+        assert store.find_cached(digest) is not None  # remembered, connection open
+        cache = store._cache
+        assert cache is not None
+        held, done = threading.Event(), threading.Event()
+
+        def mid_lookup() -> None:  # another thread inside the cache at the fork
+            with cache._lock:
+                held.set()
+                done.wait(10)
+
+        holder = threading.Thread(target=mid_lookup)
+        holder.start()
+        held.wait(10)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child, which exits below
+            code = 1
+            try:
+                signal.alarm(10)  # a deadlock on the parent's lock ends the child
+                found = store.find(digest)
+                manager.revoke(issued.record.id)
+                after = store.find(digest)
+                if found is not None and after is not None and after.revoked_at is not None:
+                    code = 0
+            finally:
+                os._exit(code)
+        done.set()
+        holder.join()
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        revoked = store.find(digest)  # the parent sees the child's revocation too
+        assert revoked is not None
+        assert revoked.revoked_at is not None
 
 
 def test_the_file_uses_wal_and_records_its_schema_version(
