@@ -25,10 +25,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hiredis import Reader
-from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 
 from keyguard.backends._redis_client import KEEPALIVE, redis_clients
-from keyguard.backends._resp import Pipe, command, pipe_for
+from keyguard.backends._resp import Pipe, command, pipe_for, reply_error
 from keyguard.backends.redis_limiter import RedisRateStore
 from keyguard.guard import Allow, Guard
 from keyguard.limiting import HitRequest, LimitPolicy, Window
@@ -157,6 +165,31 @@ async def test_error_replies_raise_redis_py_errors_and_keep_the_connection(
     assert await client.execute(command("PING")) == b"PONG"
     assert fake.connections == 1
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "message"),
+    [
+        ("NOSCRIPT No matching script.", NoScriptError, "No matching script."),
+        ("OOM command not allowed", OutOfMemoryError, "command not allowed"),
+        ("READONLY You can't write", ReadOnlyError, "You can't write"),
+        ("NOPERM no permissions", NoPermissionError, "no permissions"),
+        ("LOADING Redis is loading", BusyLoadingError, "Redis is loading"),
+        ("NOAUTH Authentication required.", AuthenticationError, "Authentication required."),
+        ("WRONGTYPE Operation against a key", ResponseError, "WRONGTYPE Operation against a key"),
+        ("ERR unknown command", ResponseError, "unknown command"),
+        ("ERR invalid password", AuthenticationError, "invalid password"),
+        ("NOSCRIPT", NoScriptError, ""),
+    ],
+)
+def test_error_replies_map_to_the_classes_redis_py_gives_them(
+    reply: str, kind: type[Exception], message: str
+) -> None:
+    """An error's first word picks redis-py's class and is cut from the message, as
+    redis-py's own parser does; an unknown word keeps the whole text."""
+    error = reply_error(reply)
+    assert type(error) is kind
+    assert str(error) == message
 
 
 async def test_garbage_or_unasked_replies_discard_the_connection(fake: FakeRedis) -> None:

@@ -27,7 +27,9 @@ callback, parsed by hiredis (which the ``redis`` extra installs):
   :class:`redis.exceptions.ConnectionError`; the next command opens a new connection
   (bounded by ``connect_timeout``; concurrent callers share one attempt).
 * **Errors** come back as redis-py's exception classes (``NoScriptError``,
-  ``OutOfMemoryError``, ``NoPermissionError``...), as its own parser maps them.
+  ``OutOfMemoryError``, ``NoPermissionError``...), by the error's first word as its
+  own parser maps them (:func:`reply_error`; the map is ours, not redis-py's private
+  parser's, so a redis-py release that moves its internals breaks nothing here).
 
 Only plain ``redis://`` and ``rediss://`` servers are served this way (TLS with the
 ``ssl.SSLContext`` redis-py builds from the URL); Sentinel, Cluster, Unix sockets,
@@ -50,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio
-from redis._parsers.base import BaseParser
+from redis import exceptions as rex
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -60,9 +62,37 @@ try:
 except ImportError:  # pragma: no cover - the redis extra installs it
     Reader = None  # type: ignore[assignment,misc]
 
-__all__ = ["Endpoint", "Pipe", "bulk", "command", "pipe_for"]
+__all__ = ["Endpoint", "Pipe", "bulk", "command", "pipe_for", "reply_error"]
 
 _INCOMPLETE: Any = object()  # what hiredis returns while a reply is still partial
+# An error reply's first word, and the redis-py class its own parser gives it (the
+# pipe serves single servers only: Cluster's MOVED and ASK never reach it).
+_ERRORS: dict[str, type[rex.RedisError]] = {
+    "NOSCRIPT": rex.NoScriptError,
+    "OOM": rex.OutOfMemoryError,
+    "READONLY": rex.ReadOnlyError,
+    "NOPERM": rex.NoPermissionError,
+    "LOADING": rex.BusyLoadingError,
+    "EXECABORT": rex.ExecAbortError,
+    "MASTERDOWN": rex.MasterDownError,
+    "NOAUTH": rex.AuthenticationError,
+    "WRONGPASS": rex.AuthenticationError,
+    "ERR": rex.ResponseError,
+}
+_ERR: dict[str, type[rex.RedisError]] = {  # the ERR replies a class of their own names
+    "max number of clients reached": rex.MaxClientsReachedError,
+    "invalid password": rex.AuthenticationError,
+}
+
+
+def reply_error(text: str) -> rex.RedisError:
+    """The exception for an error reply: the class its first word names (its text
+    without that word), else :class:`~redis.exceptions.ResponseError` with it all."""
+    code, _, rest = text.partition(" ")
+    known = _ERRORS.get(code)
+    if known is None:
+        return rex.ResponseError(text)
+    return (_ERR.get(rest) or known)(rest) if code == "ERR" else known(rest)
 
 
 def bulk(value: bytes) -> bytes:
@@ -232,7 +262,7 @@ class _Link(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = Reader(
             protocolError=InvalidResponse,
-            replyError=BaseParser.parse_error,
+            replyError=reply_error,
             notEnoughData=_INCOMPLETE,
         )
         self.waiting: deque[asyncio.Future[Any]] = deque()
