@@ -1,8 +1,10 @@
 """The server under load: uvicorn on loopback, wrk for 10 s per configuration.
 
-``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--json] [--only SQLite]``
+``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--json] [--only SQLite]
+[--loop asyncio|uvloop|auto] [--instructions]``
 
-Configurations, each a fresh uvicorn process (one worker) serving the same GET
+Configurations, each a fresh uvicorn process (one worker, httptools, asyncio's event
+loop as the reference server runs it unless ``--loop`` says) serving the same GET
 route (and a streaming one): the bare route; two floors (:mod:`benchmarks._floor`:
 the limit headers alone, then a sketch of a limiter that counts three windows and
 sends them), what no limiter sending these headers from Python goes below; then
@@ -151,14 +153,18 @@ def _wait(url: str, proc: subprocess.Popen[bytes], deadline: float = 20.0) -> No
 
 @contextmanager
 def _server(
-    factory: str, env: dict[str, str], wrapper: tuple[str, ...] = (), start: float = 20.0
+    factory: str,
+    env: dict[str, str],
+    wrapper: tuple[str, ...] = (),
+    start: float = 20.0,
+    loop: str = "asyncio",
 ) -> Iterator[tuple[str, int]]:
-    """A uvicorn process serving ``factory`` (under ``wrapper``, e.g. valgrind): its
-    base URL and process id."""
+    """A uvicorn process serving ``factory`` on event loop ``loop`` (under ``wrapper``,
+    e.g. valgrind): its base URL and process id."""
     port = _free_port()
     command = [
         *wrapper, sys.executable, "-m", "uvicorn", "--factory", factory,
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1", "--port", str(port), "--loop", loop,
         "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(command, env={**os.environ, **env})
@@ -300,14 +306,16 @@ def _key(config: Config, key_file: Path) -> str | None:
     return key_file.read_text() if "guarded" in config.factory else "kg_floor_" + "x" * 37
 
 
-def run(seconds: int, connections: int, only: tuple[str, ...] = ()) -> list[Figures]:
-    """Every configuration of :func:`_configs`, one after the other."""
+def run(
+    seconds: int, connections: int, only: tuple[str, ...] = (), loop: str = "asyncio"
+) -> list[Figures]:
+    """Every configuration of :func:`_configs`, one after the other, on ``loop``."""
     results = []
     with tempfile.TemporaryDirectory() as tmp, _redis() as redis_url:
         key_file = Path(tmp) / "key"
         for config in _configs(tmp, redis_url, only):
             env = {**config.storage, KEY_FILE_VAR: str(key_file)}
-            with _server(config.factory, env) as (base, _):
+            with _server(config.factory, env, loop=loop) as (base, _):
                 key = _key(config, key_file)
                 _load(base + ROUTE, key, 1, connections)  # warm-up
                 (rps, p50, p99, errors), tool = _load(base + ROUTE, key, seconds, connections)
@@ -387,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         help="floor, memory, SQLite or Redis (repeatable; the bare route always runs)",
     )
     parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop", "auto"),
+        default="asyncio",
+        help="uvicorn's event loop (asyncio: the reference server's; auto: uvloop if installed)",
+    )
+    parser.add_argument(
         "--instructions",
         action="store_true",
         help="count the event loop's instructions per request under callgrind instead",
@@ -394,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.instructions:
         return _print_counts(args.seconds, min(args.connections, 8), tuple(args.only))
-    results = run(args.seconds, args.connections, tuple(args.only))
+    results = run(args.seconds, args.connections, tuple(args.only), args.loop)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return 0
@@ -409,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.p99_ms:>10.2f} {p99:>9.2f}x {r.errors:>10} {r.first_chunk_p50_ms:>10.2f} "
             f"{r.first_chunk_p99_ms:>10.2f}"
         )
-    print(f"load generator: {bare.tool}, {args.connections} connections, {args.seconds} s each")
+    print(
+        f"load generator: {bare.tool}, {args.connections} connections, {args.seconds} s each;"
+        f" uvicorn --loop {args.loop}"
+    )
     print(f"1st: time to the first chunk of a streamed response, ms ({STREAM_REQUESTS} in a row)")
     return 0
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from keyguard.settings import KeyGuardSettings
 from reference_app import create_app
+from reference_app.__main__ import main
 
 KEY = re.compile(r"kg_live_[0-9A-Za-z]{38}")
 
@@ -80,6 +81,20 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@pytest.mark.parametrize(("argv", "loop"), [([], "asyncio"), (["--loop", "uvloop"], "uvloop")])
+def test_the_server_runs_on_asyncio_s_loop_unless_told(
+    argv: list[str], loop: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvloop's tail under load was several times longer (see ``__main__``): the server
+    asks uvicorn for asyncio's loop, and for uvloop only when told."""
+    ran: dict[str, object] = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: ran.update(options))
+    monkeypatch.setattr("gc.freeze", lambda: None)  # not in the test process
+    monkeypatch.setenv("KEYGUARD_STORAGE_URL", "memory://")
+    assert main(argv) == 0
+    assert ran == {"host": "127.0.0.1", "port": 8000, "loop": loop}
 
 
 def test_the_server_process_serves_on_loopback(tmp_path: Path) -> None:
