@@ -13,6 +13,7 @@ import ipaddress
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..clock import from_timestamp
 from ..limiting import LimitKind
@@ -154,6 +155,24 @@ class ErrorRateWatch:
         self._keys.pop(key_id)
 
 
+@lru_cache(maxsize=4096)
+def _compared(text: str, ipv6_prefix: int) -> str:
+    """The form an address is compared in: IPv4 as written, IPv6 as its network.
+
+    Remembered: parsing was half of what a usage event cost the alert rules, and a
+    key's callers come from a few addresses (the cache is bounded all the same).
+    """
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
+
+
 @dataclass(slots=True)
 class _Addresses:
     seen: Bounded[str, bool]
@@ -169,22 +188,10 @@ class NewIPWatch:
         self.ips_per_key = ips_per_key
         self.ipv6_prefix = ipv6_prefix
 
-    def _normal(self, text: str) -> str:
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            return text
-        if isinstance(address, ipaddress.IPv6Address):
-            if address.ipv4_mapped is not None:
-                return str(address.ipv4_mapped)
-            network = ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False)
-            return str(network)
-        return str(address)
-
     def observe(self, event: UsageEvent, rule: NewIPRule) -> list[Alert]:
         if event.client_ip is None:
             return []
-        address = self._normal(event.client_ip)
+        address = _compared(event.client_ip, self.ipv6_prefix)
         state = self._keys.get(event.key_id)
         if state is None:
             state = _Addresses(Bounded(self.ips_per_key))
