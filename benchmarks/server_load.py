@@ -1,10 +1,11 @@
 """The server under load: uvicorn on loopback, wrk for 10 s per configuration.
 
-``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--json] [--only SQLite]
-[--loop asyncio|uvloop|auto] [--instructions]``
+``python -m benchmarks.server_load [--seconds 10] [--connections 32] [--rounds 3] [--json]
+[--only SQLite] [--loop asyncio|uvloop|auto] [--instructions]``
 
-Configurations, each a fresh uvicorn process (one worker, httptools, asyncio's event
-loop as the reference server runs it unless ``--loop`` says) serving the same GET
+Configurations, each a fresh uvicorn process set up as the reference server runs
+(one worker, httptools, asyncio's event loop unless ``--loop`` says, the start-up
+heap frozen out of the collector's full collections) serving the same GET
 route (and a streaming one): the bare route; two floors (:mod:`benchmarks._floor`:
 the limit headers alone, then a sketch of a limiter that counts three windows and
 sends them), what no limiter sending these headers from Python goes below; then
@@ -15,6 +16,10 @@ keys, quotas and usage in the file, windows in the process), and on Redis (a
 generator is ``wrk`` (Debian package ``wrk``) when installed, else a bounded asyncio
 httpx generator, which is slower and measures itself as much as the server: its
 figures only compare with each other.
+
+The configurations run in ``--rounds`` interleaved rounds and each figure is the
+median over them, the shares of the bare route taken within a round: this machine's
+speed drifts over minutes by more than the differences measured.
 
 The issue's target: keyguard on the embedded default keeps at least 85 % of the
 bare route's requests/s, with p99 under 2x the bare p99. After the load, each
@@ -32,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import math
 import os
 import re
 import shutil
@@ -44,7 +51,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -86,23 +93,31 @@ def _route(app: FastAPI) -> FastAPI:
     return app
 
 
+def _frozen(app: FastAPI) -> FastAPI:
+    """``app``, with everything built so far out of the collector's full collections,
+    as ``python -m reference_app`` does before it serves."""
+    gc.collect()
+    gc.freeze()
+    return app
+
+
 def bare_app() -> FastAPI:
     """The route alone (``uvicorn --factory benchmarks.server_load:bare_app``)."""
-    return _route(FastAPI())
+    return _frozen(_route(FastAPI()))
 
 
 def headers_app() -> FastAPI:
     """The route behind fixed limit headers alone (see :mod:`benchmarks._floor`)."""
     app = _route(FastAPI())
     app.add_middleware(HeadersOnly)
-    return app
+    return _frozen(app)
 
 
 def sketch_app() -> FastAPI:
     """The route behind a sketch of a limiter (see :mod:`benchmarks._floor`)."""
     app = _route(FastAPI())
     app.add_middleware(Sketch)
-    return app
+    return _frozen(app)
 
 
 def guarded_app() -> FastAPI:
@@ -117,7 +132,7 @@ def guarded_app() -> FastAPI:
     Path(os.environ[KEY_FILE_VAR]).write_text(issued.key.reveal())
     app = _route(FastAPI())
     app.add_middleware(KeyGuardMiddleware, guard=guard)
-    return app
+    return _frozen(app)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +145,8 @@ class Figures:
     tool: str
     first_chunk_p50_ms: float
     first_chunk_p99_ms: float
+    share_of_bare: float = 1.0  # requests/s over the bare route's of the same round
+    p99_over_bare: float = 1.0  # p99 over the bare route's of the same round
 
 
 def _free_port() -> int:
@@ -307,26 +324,57 @@ def _key(config: Config, key_file: Path) -> str | None:
 
 
 def run(
-    seconds: int, connections: int, only: tuple[str, ...] = (), loop: str = "asyncio"
+    seconds: int,
+    connections: int,
+    only: tuple[str, ...] = (),
+    loop: str = "asyncio",
+    rounds: int = 3,
 ) -> list[Figures]:
-    """Every configuration of :func:`_configs`, one after the other, on ``loop``."""
-    results = []
+    """Every configuration of :func:`_configs` on ``loop``, in ``rounds`` interleaved
+    rounds: each figure is the median over the rounds, and the shares of the bare
+    route are taken within a round, so that a machine whose speed drifts over
+    minutes (seen here: the same route 4,000-5,600 requests/s) moves both sides."""
+    measured: list[list[Figures]] = []
     with tempfile.TemporaryDirectory() as tmp, _redis() as redis_url:
         key_file = Path(tmp) / "key"
-        for config in _configs(tmp, redis_url, only):
-            env = {**config.storage, KEY_FILE_VAR: str(key_file)}
-            with _server(config.factory, env, loop=loop) as (base, _):
-                key = _key(config, key_file)
-                _load(base + ROUTE, key, 1, connections)  # warm-up
-                (rps, p50, p99, errors), tool = _load(base + ROUTE, key, seconds, connections)
-                first50, first99 = _first_chunks(base + STREAM, key, STREAM_REQUESTS)
-            results.append(
-                Figures(
-                    config.name, round(rps, 1), round(p50, 3), round(p99, 3), errors, tool,
-                    round(first50, 3), round(first99, 3),
-                )
-            )  # fmt: skip
-    return results
+        configs = _configs(tmp, redis_url, only)
+        for _ in range(rounds):
+            this_round = [_measure(c, key_file, seconds, connections, loop) for c in configs]
+            bare = this_round[0]
+            measured.append(
+                [
+                    replace(
+                        f,
+                        share_of_bare=f.requests_per_second / bare.requests_per_second,
+                        p99_over_bare=f.p99_ms / bare.p99_ms if bare.p99_ms else math.nan,
+                    )
+                    for f in this_round
+                ]
+            )
+    return [_median(list(same)) for same in zip(*measured, strict=True)]
+
+
+def _measure(config: Config, key_file: Path, seconds: int, connections: int, loop: str) -> Figures:
+    env = {**config.storage, KEY_FILE_VAR: str(key_file)}
+    with _server(config.factory, env, loop=loop) as (base, _):
+        key = _key(config, key_file)
+        _load(base + ROUTE, key, 1, connections)  # warm-up
+        (rps, p50, p99, errors), tool = _load(base + ROUTE, key, seconds, connections)
+        first50, first99 = _first_chunks(base + STREAM, key, STREAM_REQUESTS)
+    return Figures(config.name, rps, p50, p99, errors, tool, first50, first99)
+
+
+def _median(runs: list[Figures]) -> Figures:
+    """One configuration's figures, each the median of its rounds (errors: the sum)."""
+
+    def mid(field: str) -> float:
+        return round(statistics.median(float(getattr(r, field)) for r in runs), 3)
+
+    return Figures(
+        runs[0].config, mid("requests_per_second"), mid("p50_ms"), mid("p99_ms"),
+        sum(r.errors for r in runs), runs[0].tool, mid("first_chunk_p50_ms"),
+        mid("first_chunk_p99_ms"), mid("share_of_bare"), mid("p99_over_bare"),
+    )  # fmt: skip
 
 
 def _event_loop_instructions(out: Path) -> int:
@@ -389,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; figures are medians"
+    )
+    parser.add_argument(
         "--only",
         action="append",
         default=[],
@@ -408,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.instructions:
         return _print_counts(args.seconds, min(args.connections, 8), tuple(args.only))
-    results = run(args.seconds, args.connections, tuple(args.only), args.loop)
+    results = run(args.seconds, args.connections, tuple(args.only), args.loop, args.rounds)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
         return 0
@@ -416,15 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     heads = ("req/s", "vs bare", "p50 ms", "p99 ms", "p99 vs bare", "errors", "1st p50", "1st p99")
     print(f"{'configuration':<20} " + " ".join(f"{h:>10}" for h in heads))
     for r in results:
-        share = r.requests_per_second / bare.requests_per_second
-        p99 = r.p99_ms / bare.p99_ms if bare.p99_ms else float("nan")
         print(
-            f"{r.config:<20} {r.requests_per_second:>10.0f} {share:>10.0%} {r.p50_ms:>10.2f} "
-            f"{r.p99_ms:>10.2f} {p99:>9.2f}x {r.errors:>10} {r.first_chunk_p50_ms:>10.2f} "
-            f"{r.first_chunk_p99_ms:>10.2f}"
+            f"{r.config:<20} {r.requests_per_second:>10.0f} {r.share_of_bare:>10.0%} "
+            f"{r.p50_ms:>10.2f} {r.p99_ms:>10.2f} {r.p99_over_bare:>9.2f}x {r.errors:>10} "
+            f"{r.first_chunk_p50_ms:>10.2f} {r.first_chunk_p99_ms:>10.2f}"
         )
     print(
-        f"load generator: {bare.tool}, {args.connections} connections, {args.seconds} s each;"
+        f"load generator: {bare.tool}, {args.connections} connections, {args.seconds} s each,"
+        f" medians of {args.rounds} interleaved rounds (vs bare: within a round);"
         f" uvicorn --loop {args.loop}"
     )
     print(f"1st: time to the first chunk of a streamed response, ms ({STREAM_REQUESTS} in a row)")
