@@ -3,7 +3,7 @@
 The server runs on asyncio's own event loop unless told otherwise. Under load
 (``benchmarks.server_load``, wrk with 32 connections) uvloop served about as many
 requests a second here but with a long tail: p99 2.9-6.3x the bare route's and
-single requests past 300 ms, against 1.5-2.0x and ~40 ms at most on asyncio's loop.
+single requests past 300 ms, against 1.5-2.1x and ~40 ms at most on asyncio's loop.
 """
 
 from __future__ import annotations

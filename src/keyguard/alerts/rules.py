@@ -159,7 +159,7 @@ class ErrorRateWatch:
 def _compared(text: str, ipv6_prefix: int) -> str:
     """The form an address is compared in: IPv4 as written, IPv6 as its network.
 
-    Remembered: parsing was half of what a usage event cost the alert rules, and a
+    Remembered: parsing was most of what a usage event cost the alert rules, and a
     key's callers come from a few addresses (the cache is bounded all the same).
     """
     try:
