@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from reference_app.__main__ import main
 
 from keyguard.settings import KeyGuardSettings
 from reference_app import create_app
-from reference_app.__main__ import main
 
 KEY = re.compile(r"kg_live_[0-9A-Za-z]{38}")
 
