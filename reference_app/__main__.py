@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the event loop (uvloop: more requests/s on light routes, a longer tail)",
     )
     args = parser.parse_args(argv)
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print("reference_app: --loop uvloop needs uvloop: pip install uvloop", file=sys.stderr)
+        return 2
     try:
         app = create_app(host=args.host, port=args.port)
     except ValidationError as exc:

@@ -97,6 +97,19 @@ def test_the_server_runs_on_asyncio_s_loop_unless_told(
     assert ran == {"host": "127.0.0.1", "port": 8000, "loop": loop}
 
 
+def test_uvloop_asked_for_but_missing_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server extra no longer installs uvloop: asking for it without it is a clear
+    line, not uvicorn's traceback."""
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: pytest.fail("served"))
+    assert main(["--loop", "uvloop"]) == 2
+    assert capsys.readouterr().err == (
+        "reference_app: --loop uvloop needs uvloop: pip install uvloop\n"
+    )
+
+
 def test_the_server_process_serves_on_loopback(tmp_path: Path) -> None:
     """``python -m reference_app`` starts uvicorn and answers on the given port."""
     port = _free_port()
